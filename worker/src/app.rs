@@ -1,0 +1,280 @@
+//! The worker as a whole: [`Worker::build`] prepares everything that can fail at start-up (data
+//! directory, store, broker), then [`Worker::run_until_stopped`] resumes unfinished requests,
+//! consumes until the shutdown future resolves, drains, and flushes the outbox.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_lite::StreamExt;
+use lapin::options::BasicCancelOptions;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Broker;
+use crate::intake::{lane_of, Intake};
+use crate::ops::OpContext;
+use crate::outbox::{self, reconnect_backoff, Publisher};
+use crate::runtime::{Apptainer, Runtime};
+use crate::scheduler::{Executor, Job, JobKind, Scheduler};
+use crate::settings::Settings;
+use crate::store::Store;
+
+/// How often finished requests older than the deduplication window are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How long the final outbox flush may take at shutdown.
+const FINAL_FLUSH: Duration = Duration::from_secs(10);
+
+pub struct Worker {
+    settings: Settings,
+    node: String,
+    store: Store,
+    runtime: Arc<dyn Runtime>,
+    broker: Broker,
+    publisher: Arc<Publisher>,
+    bind_roots: Vec<std::path::PathBuf>,
+}
+
+impl Worker {
+    /// Checks and opens everything the worker needs; once this returns, the broker is reachable
+    /// and the topology is declared.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let node = settings.node_id();
+        for dir in [
+            settings.data_dir.clone(),
+            settings.images_dir(),
+            settings.definitions_dir(),
+        ] {
+            std::fs::create_dir_all(&dir).with_context(|| {
+                format!("could not create the data directory {}", dir.display())
+            })?;
+        }
+        if settings.allowed_bind_roots.is_empty() {
+            let volumes = settings.bind_roots().remove(0);
+            std::fs::create_dir_all(&volumes)
+                .with_context(|| format!("could not create {}", volumes.display()))?;
+        }
+        let bind_roots = settings
+            .bind_roots()
+            .iter()
+            .map(|root| {
+                std::fs::canonicalize(root).with_context(|| {
+                    format!("the allowed bind root {} does not exist", root.display())
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let store = Store::open(&settings.state_db()).with_context(|| {
+            format!(
+                "could not open the state database {}",
+                settings.state_db().display()
+            )
+        })?;
+        let runtime: Arc<dyn Runtime> = Arc::new(Apptainer::new(
+            settings.apptainer.clone(),
+            settings.network.clone(),
+            settings.concurrency as usize,
+            settings.stop_grace_secs,
+            settings.build_timeout(),
+            settings.command_timeout(),
+        ));
+        let broker = Broker::new(&settings, &node);
+        let publisher = Arc::new(Publisher::new(broker.clone()));
+        publisher
+            .connect()
+            .await
+            .context("could not start the worker")?;
+        Ok(Self {
+            settings,
+            node,
+            store,
+            runtime,
+            broker,
+            publisher,
+            bind_roots,
+        })
+    }
+
+    /// Runs until `shutdown` resolves, then stops taking deliveries, lets running operations
+    /// finish (up to the drain timeout), flushes the outbox and closes the connections.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let outbox_wake = Arc::new(Notify::new());
+        let executor = Executor {
+            ctx: OpContext {
+                store: self.store.clone(),
+                runtime: Arc::clone(&self.runtime),
+                images_dir: self.settings.images_dir(),
+                definitions_dir: self.settings.definitions_dir(),
+                bind_roots: self.bind_roots.clone(),
+                home_mount: self.settings.home_mount.clone(),
+            },
+            node: self.node.clone(),
+            outbox_wake: Arc::clone(&outbox_wake),
+        };
+        let scheduler = Scheduler::new(executor, tracker.clone(), stop.clone());
+        let outbox_stop = CancellationToken::new();
+        let outbox_task = tokio::spawn(outbox::run(
+            self.store.clone(),
+            Arc::clone(&self.publisher),
+            Arc::clone(&outbox_wake),
+            outbox_stop.clone(),
+        ));
+
+        let resumed = self.resume_unfinished(&scheduler).await?;
+        tracing::info!(
+            node = %self.node,
+            queue = %self.broker.request_queue,
+            broker = %self.settings.redacted_amqp_url(),
+            resumed,
+            "worker started"
+        );
+        let pruner = tokio::spawn(prune_periodically(
+            self.store.clone(),
+            Duration::from_secs(self.settings.dedupe_hours * 3600),
+        ));
+
+        let intake = Intake {
+            store: self.store.clone(),
+            scheduler: scheduler.clone(),
+            publisher: Arc::clone(&self.publisher),
+            outbox_wake: Arc::clone(&outbox_wake),
+            pending: Arc::new(Semaphore::new(self.settings.max_pending)),
+            tracker: tracker.clone(),
+            node: self.node.clone(),
+            default_reply_queue: self.settings.reply_queue.clone(),
+            max_body_bytes: self.settings.max_body_bytes,
+        };
+        let consuming = consume_until_cancelled(&self.broker, &intake, stop.clone(), &tracker);
+        tokio::pin!(consuming);
+        tokio::select! {
+            () = shutdown => tracing::info!("shutdown requested; draining"),
+            () = &mut consuming => {}
+        }
+        stop.cancel();
+        // The consumer stops taking deliveries but keeps its channel open until running reads
+        // are answered and acknowledged.
+        consuming.await;
+        tracker.close();
+        if tokio::time::timeout(self.settings.drain_timeout(), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "operations still running at the drain deadline; they resume at the next start"
+            );
+        }
+        pruner.abort();
+        outbox_stop.cancel();
+        let _ = outbox_task.await;
+        outbox::flush(&self.store, &self.publisher, FINAL_FLUSH).await;
+        self.publisher.close().await;
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    /// Puts requests accepted before a crash or shutdown back into their lanes, in their
+    /// original order.
+    async fn resume_unfinished(&self, scheduler: &Scheduler) -> anyhow::Result<usize> {
+        let unfinished = self
+            .store
+            .unfinished()
+            .await
+            .context("could not read the inbox")?;
+        let count = unfinished.len();
+        for entry in unfinished {
+            let request: schemas::Request = serde_json::from_str(&entry.body)
+                .with_context(|| format!("inbox request {} is corrupt", entry.seq))?;
+            if let Some(intent) = &entry.intent {
+                tracing::info!(seq = entry.seq, %intent, "resuming a request interrupted during {intent}");
+            }
+            debug_assert_eq!(lane_of(&request), entry.lane);
+            scheduler.submit(
+                &entry.lane,
+                Job {
+                    request,
+                    kind: JobKind::Write {
+                        seq: entry.seq,
+                        received_ms: entry.received_ms,
+                    },
+                    permit: None,
+                },
+            );
+        }
+        Ok(count)
+    }
+}
+
+/// Consumes deliveries until `stop` is cancelled, re-subscribing (with backoff) whenever the
+/// connection or the consumer is lost.
+async fn consume_until_cancelled(
+    broker: &Broker,
+    intake: &Intake,
+    stop: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let mut delays = backon::BackoffBuilder::build(reconnect_backoff());
+    while !stop.is_cancelled() {
+        let (connection, channel, mut consumer) = match broker.consume().await {
+            Ok(parts) => parts,
+            Err(e) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(error = %e, retry_in = ?delay, "could not subscribe to the request queue");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
+        };
+        delays = backon::BackoffBuilder::build(reconnect_backoff());
+        tracing::info!(queue = %broker.request_queue, "consuming requests");
+        loop {
+            let next = tokio::select! {
+                next = consumer.next() => next,
+                _ = stop.cancelled() => break,
+            };
+            match next {
+                Some(Ok(delivery)) => intake.handle(delivery).await,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "the request consumer failed; re-subscribing");
+                    break;
+                }
+                None => {
+                    tracing::warn!("the broker cancelled the request consumer; re-subscribing");
+                    break;
+                }
+            }
+        }
+        if stop.is_cancelled() {
+            let _ = channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await;
+            // Wait for reads in flight to be answered and acknowledged on this channel.
+            let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                while !tracker.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+        }
+        let _ = connection
+            .close(200, "worker stopping or re-subscribing".into())
+            .await;
+    }
+}
+
+async fn prune_periodically(store: Store, window: Duration) {
+    loop {
+        match store.prune_finished(window.as_millis() as i64).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                forgotten = n,
+                "forgot finished requests past the deduplication window"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not prune finished requests"),
+        }
+        tokio::time::sleep(PRUNE_EVERY).await;
+    }
+}

@@ -1,0 +1,38 @@
+//! apptainer-orchestrator's worker: requests from RabbitMQ, run through the `apptainer` command
+//! line, replies to each requester.
+//!
+//! The modules follow a request through the worker:
+//! - [`settings`]: flags and environment;
+//! - [`broker`]: connections and topology;
+//! - [`intake`]: decode, validate, deduplicate, write to the inbox, acknowledge;
+//! - [`scheduler`]: one FIFO lane per container name, and the executor;
+//! - [`ops`]: one file per operation;
+//! - [`runtime`]: the apptainer adapter and the definition-file renderer;
+//! - [`store`]: SQLite (containers, inbox, outbox);
+//! - [`outbox`]: confirmed publishing of replies;
+//! - [`app`]: [`Worker`], which wires them together.
+
+pub mod app;
+pub mod broker;
+pub mod intake;
+pub mod ops;
+pub mod outbox;
+pub mod reply;
+pub mod runtime;
+pub mod scheduler;
+pub mod settings;
+pub mod store;
+
+pub use app::Worker;
+pub use settings::Settings;
+
+/// Resolves on SIGTERM or SIGINT: the signals a service manager and a terminal send.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+}

@@ -1,0 +1,63 @@
+//! `deletecontdata`: delete the image a deleted container left behind. Deletes only inside the
+//! worker's image directory, checked after resolving symlinks.
+
+use schemas::{ErrorCode, Op};
+
+use super::start::remove_path;
+use super::{Attempt, OpContext, OpError, Outcome};
+use crate::store::Change;
+
+pub async fn execute(ctx: &OpContext, name: &str, attempt: Attempt) -> Result<Outcome, OpError> {
+    if ctx.store.container(name).await?.is_some() {
+        return Err(OpError::new(
+            ErrorCode::Unprocessable,
+            format!("container {name} is still registered; delete it with deletecont first"),
+        ));
+    }
+    let left = ctx.store.leftover(name).await?.ok_or_else(|| {
+        OpError::new(
+            ErrorCode::NotFound,
+            format!("there is no data of a deleted container {name}"),
+        )
+    })?;
+    let path = std::path::Path::new(&left.image_path);
+    let images = std::fs::canonicalize(&ctx.images_dir).map_err(|e| {
+        OpError::new(
+            ErrorCode::Internal,
+            format!(
+                "the image directory {} cannot be resolved: {e}",
+                ctx.images_dir.display()
+            ),
+        )
+    })?;
+    // The recorded path itself must be a direct entry of the image directory, and so must its
+    // parent once resolved: a symlink planted in the data directory cannot redirect the delete.
+    let parent_ok = path
+        .parent()
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .is_some_and(|p| p == images);
+    if !parent_ok || path.file_name().is_none_or(|f| f != name) {
+        return Err(OpError::new(
+            ErrorCode::Internal,
+            format!(
+                "refusing to delete {}: it is not an image of this worker",
+                left.image_path
+            ),
+        ));
+    }
+    ctx.store
+        .record_intent(attempt.seq, "deleting_data")
+        .await?;
+    // remove_path does not follow a symlink at `path` itself: it removes the link.
+    remove_path(path).map_err(|e| {
+        OpError::new(
+            ErrorCode::Internal,
+            format!("could not delete {}: {e}", left.image_path),
+        )
+    })?;
+    Ok(Outcome::new(
+        Op::Deletecontdata,
+        None,
+        Change::ForgetLeftover(left.name),
+    ))
+}

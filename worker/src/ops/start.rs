@@ -1,0 +1,142 @@
+//! `start`: build the container's image from a per-request definition file and start its
+//! instance. Re-running an interrupted `start` converges: an image this request already built
+//! is not built again, and an instance it already started is adopted, not started twice.
+
+use schemas::{ErrorCode, Op, ReplyResult, StartRequest};
+
+use super::{instance_binds, record, Attempt, OpContext, OpError, Outcome};
+use crate::runtime::definition::Definition;
+use crate::store::{Change, ContainerRow};
+
+pub async fn execute(
+    ctx: &OpContext,
+    req: &StartRequest,
+    attempt: Attempt,
+) -> Result<Outcome, OpError> {
+    let name = req.container_name.as_str();
+    if ctx.store.container(name).await?.is_some() {
+        return Err(OpError::new(
+            ErrorCode::Conflict,
+            format!("container {name} already exists; use restart to start it again, or choose another name"),
+        ));
+    }
+    if ctx.store.leftover(name).await?.is_some() {
+        return Err(OpError::new(
+            ErrorCode::Conflict,
+            format!("the data of a deleted container {name} is still on disk; remove it with deletecontdata, or choose another name"),
+        ));
+    }
+    let binds = instance_binds(ctx, req.volume_name.as_deref(), &req.binds)?;
+    let image = ctx.image_path(name);
+    let image_text = image.display().to_string();
+
+    let row = |ip: String| ContainerRow {
+        name: name.to_owned(),
+        image: req.container_image.clone(),
+        distributor: req.image_distributor.clone(),
+        os: req.image_os.clone(),
+        version: req.image_version.clone(),
+        command: req.container_command.clone(),
+        environment: req.environment.clone(),
+        volume_name: req.volume_name.clone(),
+        binds: req.binds.clone(),
+        image_path: image_text.clone(),
+        active: true,
+        ip,
+    };
+
+    if let Some(running) = ctx.runtime.instance(name).await? {
+        if attempt.is_resumed() && running.image == image_text {
+            // This request started it before the worker was interrupted: adopt it.
+            let row = row(running.ip);
+            return Ok(started(row));
+        }
+        return Err(OpError::new(
+            ErrorCode::Conflict,
+            format!("an apptainer instance named {name} is already running on this host but is not registered here; stop it or choose another name"),
+        ));
+    }
+
+    let definition = Definition {
+        bootstrap: &req.image_distributor,
+        from_os: &req.image_os,
+        from_version: &req.image_version,
+        environment: &req.environment,
+        startscript: &req.container_command,
+    }
+    .render();
+    let result = build_and_start(ctx, attempt, name, &image, &definition, &binds).await;
+    if result.is_err() {
+        // Nobody owns this image: the name is neither registered nor leftover data. Leave no
+        // half-built or unstartable image behind.
+        if let Err(e) = remove_path(&image) {
+            tracing::warn!(container = name, error = %e, "could not remove the image of a failed start");
+        }
+    }
+    result?;
+
+    let ip = match ctx.runtime.instance(name).await {
+        Ok(Some(running)) => running.ip,
+        Ok(None) => String::new(),
+        Err(e) => {
+            tracing::warn!(container = name, error = %e, "started, but could not read its IP");
+            String::new()
+        }
+    };
+    Ok(started(row(ip)))
+}
+
+fn started(row: ContainerRow) -> Outcome {
+    let result = ReplyResult::Container(record(&row));
+    Outcome::new(Op::Start, Some(result), Change::Put(row))
+}
+
+async fn build_and_start(
+    ctx: &OpContext,
+    attempt: Attempt,
+    name: &str,
+    image: &std::path::Path,
+    definition: &str,
+    binds: &[crate::runtime::Bind],
+) -> Result<(), OpError> {
+    // An interrupted earlier run of this request may have finished the build: apptainer keeps
+    // the definition file inside the image, so an identical one means the image is ours.
+    let built = std::fs::read_to_string(image.join(".singularity.d/Singularity"))
+        .is_ok_and(|text| text == definition);
+    if !built {
+        std::fs::create_dir_all(&ctx.definitions_dir)
+            .map_err(|e| internal("create the definitions directory", e))?;
+        let def_path = ctx
+            .definitions_dir
+            .join(format!("{}-{name}.def", attempt.seq));
+        std::fs::write(&def_path, definition)
+            .map_err(|e| internal("write the definition file", e))?;
+        std::fs::create_dir_all(&ctx.images_dir)
+            .map_err(|e| internal("create the images directory", e))?;
+        ctx.store
+            .record_intent(attempt.seq, "building_image")
+            .await?;
+        let build = ctx.runtime.build_sandbox(image, &def_path).await;
+        let _ = std::fs::remove_file(&def_path);
+        build?;
+    }
+    ctx.store
+        .record_intent(attempt.seq, "starting_instance")
+        .await?;
+    ctx.runtime.start_instance(image, name, binds).await?;
+    Ok(())
+}
+
+fn internal(what: &str, error: std::io::Error) -> OpError {
+    OpError::new(ErrorCode::Internal, format!("could not {what}: {error}"))
+}
+
+/// Removes a file or directory tree; a missing one is fine.
+pub(super) fn remove_path(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,217 @@
+//! Publishing replies: the [`Publisher`] (persistent, `mandatory`, confirmed) and the outbox
+//! loop that drains committed replies through it, retrying with backoff while the broker is
+//! away. A reply leaves the outbox only once the broker has confirmed it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerError};
+use crate::store::{ReplyTarget, Store};
+
+/// How many replies one round of the outbox publishes before awaiting their confirms.
+const OUTBOX_BATCH: u32 = 256;
+/// The outbox is checked this often even without a wake-up (replies left by a crash).
+const OUTBOX_POLL: Duration = Duration::from_secs(5);
+
+/// How a published reply ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// The broker confirmed it into the reply queue.
+    Confirmed,
+    /// The reply queue does not exist (the requester is gone); the broker returned it.
+    NoSuchQueue,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Connect(#[from] BrokerError),
+    #[error("publishing a reply failed: {0}")]
+    Publish(#[from] lapin::Error),
+    #[error("the broker refused (nacked) a reply")]
+    Nacked,
+}
+
+/// Publishes replies on its own connection, reconnecting on demand.
+pub struct Publisher {
+    broker: Broker,
+    current: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl Publisher {
+    pub fn new(broker: Broker) -> Self {
+        Self {
+            broker,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// Opens the connection now, so start-up fails early when the broker is unreachable.
+    pub async fn connect(&self) -> Result<(), PublishError> {
+        self.channel().await.map(drop)
+    }
+
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        let mut current = self.current.lock().await;
+        if let Some((connection, channel)) = current.as_ref() {
+            if connection.status().connected() && channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        let (connection, channel) = self.broker.publishing_channel().await?;
+        self.broker.declare_topology(&channel).await?;
+        *current = Some((connection, channel.clone()));
+        Ok(channel)
+    }
+
+    /// Forgets a channel that failed, so the next publish reconnects.
+    async fn reset(&self) {
+        if let Some((connection, _)) = self.current.lock().await.take() {
+            let _ = connection.close(200, "reconnecting".into()).await;
+        }
+    }
+
+    /// Publishes replies, pipelined, and awaits every confirm. The result has one entry per
+    /// reply, in order; an error means none of them can be trusted to have arrived.
+    pub async fn publish_all(
+        &self,
+        replies: &[(ReplyTarget, String)],
+    ) -> Result<Vec<Delivered>, PublishError> {
+        let result = self.publish_all_once(replies).await;
+        if result.is_err() {
+            self.reset().await;
+        }
+        result
+    }
+
+    async fn publish_all_once(
+        &self,
+        replies: &[(ReplyTarget, String)],
+    ) -> Result<Vec<Delivered>, PublishError> {
+        let channel = self.channel().await?;
+        let mut confirms = Vec::with_capacity(replies.len());
+        for (target, body) in replies {
+            let mut properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2);
+            if let Some(correlation) = &target.correlation_id {
+                properties = properties.with_correlation_id(correlation.as_str().into());
+            }
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    target.reply_to.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body.as_bytes(),
+                    properties,
+                )
+                .await?;
+            confirms.push(confirm);
+        }
+        let mut delivered = Vec::with_capacity(confirms.len());
+        for (confirm, (target, _)) in confirms.into_iter().zip(replies) {
+            let confirmation = confirm.await?;
+            if confirmation.is_nack() {
+                return Err(PublishError::Nacked);
+            }
+            if confirmation.take_message().is_some() {
+                tracing::warn!(reply_to = %target.reply_to, correlation_id = ?target.correlation_id,
+                    "the reply queue does not exist; the reply was dropped");
+                delivered.push(Delivered::NoSuchQueue);
+            } else {
+                delivered.push(Delivered::Confirmed);
+            }
+        }
+        Ok(delivered)
+    }
+
+    pub async fn close(&self) {
+        self.reset().await;
+    }
+}
+
+/// The backoff between attempts while the broker is away: exponential, jittered, capped.
+pub fn reconnect_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Drains the outbox through the publisher until `stop` is cancelled and the outbox is empty
+/// (or `stop` is cancelled and the broker stays away past the final flush).
+pub async fn run(
+    store: Store,
+    publisher: Arc<Publisher>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        match drain(&store, &publisher, &stop).await {
+            Ok(()) => {}
+            Err(e) => tracing::error!(error = %e, "the outbox could not be read"),
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(OUTBOX_POLL) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+}
+
+/// Publishes everything in the outbox, batch by batch, retrying each batch with backoff.
+async fn drain(
+    store: &Store,
+    publisher: &Publisher,
+    stop: &CancellationToken,
+) -> Result<(), crate::store::StoreError> {
+    loop {
+        let batch = store.outbox_batch(OUTBOX_BATCH).await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let replies: Vec<(ReplyTarget, String)> = batch
+            .iter()
+            .map(|row| (row.target.clone(), row.body.clone()))
+            .collect();
+        let publish = (|| publisher.publish_all(&replies))
+            .retry(reconnect_backoff())
+            .notify(|e, after| {
+                tracing::warn!(error = %e, retry_in = ?after, "replies wait in the outbox for the broker")
+            });
+        let published = tokio::select! {
+            result = publish => result,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        if published.is_ok() {
+            store
+                .outbox_remove(batch.iter().map(|row| row.id).collect())
+                .await?;
+        }
+    }
+}
+
+/// One last drain at shutdown, bounded by `deadline`.
+pub async fn flush(store: &Store, publisher: &Publisher, deadline: Duration) {
+    let never = CancellationToken::new();
+    match tokio::time::timeout(deadline, drain(store, publisher, &never)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the outbox could not be read at shutdown"),
+        Err(_) => tracing::warn!(
+            "replies are still in the outbox at shutdown; they are published at the next start"
+        ),
+    }
+}

@@ -1,0 +1,66 @@
+//! Reply envelopes: what every answer looks like on the wire.
+
+use schemas::{ErrorCode, Op, Reply, ReplyError, PROTOCOL_VERSION};
+
+use crate::ops::{OpError, Outcome};
+
+/// Who answers, and about what: everything of a reply but the operation's result.
+#[derive(Debug, Clone)]
+pub struct ReplyHeader {
+    pub node: String,
+    pub op: Option<Op>,
+    pub container_name: Option<String>,
+    pub duration_ms: u64,
+}
+
+impl ReplyHeader {
+    /// The final reply for a finished operation.
+    pub fn finish(
+        &self,
+        correlation_id: Option<&str>,
+        outcome: &Result<Outcome, OpError>,
+    ) -> Reply {
+        match outcome {
+            Ok(outcome) => Reply {
+                v: PROTOCOL_VERSION,
+                correlation_id: correlation_id.map(str::to_owned),
+                op: self.op,
+                container_name: self.container_name.clone(),
+                status: outcome.status,
+                ok: true,
+                is_final: true,
+                result: outcome.result.clone(),
+                error: None,
+                warnings: outcome.warnings.clone(),
+                node: self.node.clone(),
+                duration_ms: self.duration_ms,
+            },
+            Err(error) => self.error(correlation_id, error.code, &error.message),
+        }
+    }
+
+    /// A final error reply.
+    pub fn error(&self, correlation_id: Option<&str>, code: ErrorCode, message: &str) -> Reply {
+        Reply {
+            v: PROTOCOL_VERSION,
+            correlation_id: correlation_id.map(str::to_owned),
+            op: self.op,
+            container_name: self.container_name.clone(),
+            status: code.status(),
+            ok: false,
+            is_final: true,
+            result: None,
+            error: Some(ReplyError {
+                code,
+                message: message.to_owned(),
+            }),
+            warnings: Vec::new(),
+            node: self.node.clone(),
+            duration_ms: self.duration_ms,
+        }
+    }
+}
+
+pub fn to_body(reply: &Reply) -> String {
+    serde_json::to_string(reply).expect("a reply always serialises")
+}

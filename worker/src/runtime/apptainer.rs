@@ -1,0 +1,348 @@
+//! The production [`Runtime`]: runs the real `apptainer` binary.
+//!
+//! No shell: arguments are a vector. Each call runs in its own process group, which is killed
+//! whole when the call times out or is dropped. The child's environment is the worker's minus
+//! the `APPTAINER_*`/`SINGULARITY_*` variables that silently change flags (see
+//! `shared/reference/apptainer-cli.md`, 0.4); only those naming directories are passed on.
+//! A semaphore bounds how many apptainer processes run at once.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+use tokio::sync::Semaphore;
+
+use super::{Bind, InstanceInfo, Runtime, RuntimeError, Stopped};
+
+/// Apptainer variables that only say where apptainer keeps its own files; all other
+/// `APPTAINER_*` and `SINGULARITY_*` variables are removed from the child's environment.
+const PASSED_APPTAINER_VARIABLES: &[&str] = &[
+    "APPTAINER_CONFIGDIR",
+    "APPTAINER_CACHEDIR",
+    "APPTAINER_TMPDIR",
+];
+
+/// After a process exits, how long to wait for the rest of its output. A detached grandchild
+/// that kept a pipe open must not hold the call.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs `apptainer` subcommands.
+pub struct Apptainer {
+    program: PathBuf,
+    network: String,
+    stop_grace_secs: u64,
+    build_timeout: Duration,
+    command_timeout: Duration,
+    permits: Arc<Semaphore>,
+    env: Vec<(String, String)>,
+}
+
+/// The captured result of one call.
+struct Output {
+    code: Option<i32>,
+    signal: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn exit_label(&self) -> String {
+        match (self.code, self.signal) {
+            (Some(code), _) => code.to_string(),
+            (None, Some(signal)) => format!("signal {signal}"),
+            (None, None) => "unknown".into(),
+        }
+    }
+
+    /// Apptainer's own diagnosis: its FATAL and ERROR lines without their prefixes, or, for
+    /// command-line errors (exit 1), the first line of the block.
+    fn diagnosis(&self) -> String {
+        let marked: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("FATAL:")
+                    .or_else(|| line.strip_prefix("ERROR:"))
+                    .map(str::trim)
+            })
+            .collect();
+        if !marked.is_empty() {
+            return marked.join("; ");
+        }
+        let first = self.stderr.lines().find(|l| !l.trim().is_empty());
+        first.unwrap_or("no error output").trim().to_owned()
+    }
+
+    fn failed(&self, command: &'static str) -> RuntimeError {
+        RuntimeError::Failed {
+            command,
+            exit: self.exit_label(),
+            message: self.diagnosis(),
+        }
+    }
+}
+
+impl Apptainer {
+    pub fn new(
+        program: PathBuf,
+        network: String,
+        concurrency: usize,
+        stop_grace_secs: u64,
+        build_timeout: Duration,
+        command_timeout: Duration,
+    ) -> Self {
+        let env = std::env::vars()
+            .filter(|(key, _)| {
+                let apptainer_specific =
+                    key.starts_with("APPTAINER_") || key.starts_with("SINGULARITY_");
+                !apptainer_specific || PASSED_APPTAINER_VARIABLES.contains(&key.as_str())
+            })
+            .collect();
+        Self {
+            program,
+            network,
+            stop_grace_secs,
+            build_timeout,
+            command_timeout,
+            permits: Arc::new(Semaphore::new(concurrency)),
+            env,
+        }
+    }
+
+    /// Runs `apptainer ARGS…`, waiting at most `timeout`.
+    async fn run(
+        &self,
+        command: &'static str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<Output, RuntimeError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("the apptainer semaphore is never closed");
+        let mut child = Command::new(&self.program)
+            .args(args)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| RuntimeError::Spawn {
+                command,
+                program: self.program.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let group = child.id();
+        let stdout = capture(child.stdout.take());
+        let stderr = capture(child.stderr.take());
+        let status = match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => status.map_err(|e| RuntimeError::Spawn {
+                command,
+                program: self.program.display().to_string(),
+                reason: e.to_string(),
+            })?,
+            Err(_) => {
+                kill_group(group);
+                return Err(RuntimeError::Timeout {
+                    command,
+                    after: timeout,
+                });
+            }
+        };
+        use std::os::unix::process::ExitStatusExt;
+        Ok(Output {
+            code: status.code(),
+            signal: status.signal(),
+            stdout: stdout.collect().await,
+            stderr: stderr.collect().await,
+        })
+    }
+}
+
+/// Output of a pipe, read in the background so a full pipe never blocks the child.
+struct Captured {
+    buffer: Arc<Mutex<Vec<u8>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn capture<R: tokio::io::AsyncRead + Unpin + Send + 'static>(pipe: Option<R>) -> Captured {
+    let buffer = Arc::new(Mutex::new(Vec::new()));
+    let task = pipe.map(|mut pipe| {
+        let buffer = Arc::clone(&buffer);
+        tokio::spawn(async move {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                buffer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&chunk[..n]);
+            }
+        })
+    });
+    Captured { buffer, task }
+}
+
+impl Captured {
+    /// What was read, once the pipe closed or the grace period ran out.
+    async fn collect(mut self) -> String {
+        if let Some(task) = self.task.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(OUTPUT_GRACE, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        let bytes = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+fn kill_group(group: Option<u32>) {
+    if let Some(pid) = group.and_then(|pid| i32::try_from(pid).ok()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+fn path_arg(path: &Path) -> Result<&str, RuntimeError> {
+    path.to_str().ok_or_else(|| RuntimeError::Spawn {
+        command: "(arguments)",
+        program: "apptainer".into(),
+        reason: format!("path {} is not UTF-8", path.display()),
+    })
+}
+
+/// `instance list --json`: `{"instances": [{"instance", "pid", "img", "ip", ...}]}`. Older
+/// versions lack `ip`, so it is optional.
+#[derive(Deserialize)]
+struct InstanceList {
+    instances: Vec<ListedInstance>,
+}
+
+#[derive(Deserialize)]
+struct ListedInstance {
+    instance: String,
+    pid: i64,
+    img: String,
+    #[serde(default)]
+    ip: String,
+}
+
+#[async_trait::async_trait]
+impl Runtime for Apptainer {
+    async fn build_sandbox(&self, image: &Path, definition: &Path) -> Result<(), RuntimeError> {
+        let args = [
+            "build",
+            "--force",
+            "--sandbox",
+            path_arg(image)?,
+            path_arg(definition)?,
+        ];
+        let output = self.run("build", &args, self.build_timeout).await?;
+        match output.code {
+            Some(0) => Ok(()),
+            _ => Err(output.failed("build")),
+        }
+    }
+
+    async fn start_instance(
+        &self,
+        image: &Path,
+        name: &str,
+        binds: &[Bind],
+    ) -> Result<(), RuntimeError> {
+        let bind_specs: Vec<String> = binds
+            .iter()
+            .map(|b| format!("{}:{}", b.host, b.container))
+            .collect();
+        let mut args = vec!["instance", "start"];
+        for spec in &bind_specs {
+            args.extend(["--bind", spec.as_str()]);
+        }
+        if self.network != "none" {
+            args.extend(["--net", "--network", self.network.as_str()]);
+        }
+        args.extend([path_arg(image)?, name]);
+        let output = self
+            .run("instance start", &args, self.command_timeout)
+            .await?;
+        match output.code {
+            Some(0) => Ok(()),
+            _ => Err(output.failed("instance start")),
+        }
+    }
+
+    async fn instance(&self, name: &str) -> Result<Option<InstanceInfo>, RuntimeError> {
+        let args = ["instance", "list", "--json", name];
+        let output = self
+            .run("instance list", &args, self.command_timeout)
+            .await?;
+        if output.code != Some(0) {
+            return Err(output.failed("instance list"));
+        }
+        let list: InstanceList =
+            serde_json::from_str(&output.stdout).map_err(|e| RuntimeError::Unparseable {
+                command: "instance list",
+                reason: format!(
+                    "{e} in {:?}",
+                    output.stdout.chars().take(200).collect::<String>()
+                ),
+            })?;
+        // The argument is a glob; a validated name has no glob characters, but match exactly.
+        Ok(list
+            .instances
+            .into_iter()
+            .find(|i| i.instance == name)
+            .map(|i| InstanceInfo {
+                name: i.instance,
+                pid: i.pid,
+                image: i.img,
+                ip: i.ip,
+            }))
+    }
+
+    async fn stop_instance(&self, name: &str) -> Result<Stopped, RuntimeError> {
+        let grace = self.stop_grace_secs.to_string();
+        let args = ["instance", "stop", "--timeout", grace.as_str(), name];
+        // The stop itself may wait `grace` seconds before killing; allow for it.
+        let timeout = self.command_timeout + Duration::from_secs(self.stop_grace_secs);
+        let output = self.run("instance stop", &args, timeout).await?;
+        match output.code {
+            Some(0) => Ok(Stopped::Stopped),
+            Some(1) if output.stderr.contains("no instance found") => Ok(Stopped::WasNotRunning),
+            _ => Err(output.failed("instance stop")),
+        }
+    }
+
+    async fn is_dir_in_image(&self, image: &Path, path: &str) -> Result<bool, RuntimeError> {
+        let args = ["exec", path_arg(image)?, "test", "-d", path];
+        let output = self.run("exec", &args, self.command_timeout).await?;
+        match output.code {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(output.failed("exec")),
+        }
+    }
+
+    async fn version(&self) -> Result<String, RuntimeError> {
+        let output = self
+            .run("--version", &["--version"], self.command_timeout)
+            .await?;
+        match output.code {
+            Some(0) => Ok(output.stdout.trim().to_owned()),
+            _ => Err(output.failed("--version")),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The scheduler: one FIFO lane per container name, and the executor that runs a lane's jobs.
+//!
+//! Requests for one container run one at a time in arrival order; lanes of different containers
+//! run in parallel (apptainer processes are bounded separately, in the runtime). A lane exists
+//! only while it has work: the last job out removes it, so memory does not grow with the number
+//! of names ever seen. Total queued work is bounded by the intake's pending-request permits,
+//! which every job carries until it is done.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use schemas::{ErrorCode, Reply, Request};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ops::{self, Attempt, OpContext, OpError, Outcome};
+use crate::reply::{to_body, ReplyHeader};
+use crate::store::{now_ms, Change};
+
+/// Lane of requests that name no container (`getallcont`); no container name can be this.
+pub const GLOBAL_LANE: &str = "*";
+
+/// One unit of work in a lane.
+pub struct Job {
+    pub request: Request,
+    pub kind: JobKind,
+    /// Held until the job is done; bounds the work accepted but not finished.
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+pub enum JobKind {
+    /// A write request in the inbox: its reply goes through the outbox.
+    Write { seq: i64, received_ms: i64 },
+    /// A read: its reply goes back to the intake, which publishes it and then acknowledges.
+    Read {
+        received: Instant,
+        correlation_id: Option<String>,
+        reply: oneshot::Sender<Reply>,
+    },
+}
+
+/// Runs jobs: operations, then their commit with the reply.
+pub struct Executor {
+    pub ctx: OpContext,
+    pub node: String,
+    /// Woken when replies were committed to the outbox.
+    pub outbox_wake: Arc<Notify>,
+}
+
+impl Executor {
+    async fn run(self: &Arc<Self>, job: Job) {
+        let Job {
+            request,
+            kind,
+            permit: _permit,
+        } = job;
+        match kind {
+            JobKind::Write { seq, received_ms } => self.run_write(seq, received_ms, request).await,
+            JobKind::Read {
+                received,
+                correlation_id,
+                reply,
+            } => {
+                let outcome = self.guarded(request.clone(), None).await;
+                let header = self.header(&request, received.elapsed().as_millis() as u64);
+                // The intake may have given up (shutdown); then the delivery is redelivered.
+                let _ = reply.send(header.finish(correlation_id.as_deref(), &outcome));
+            }
+        }
+    }
+
+    async fn run_write(self: &Arc<Self>, seq: i64, received_ms: i64, request: Request) {
+        let outcome = match self.ctx.store.begin_attempt(seq).await {
+            Ok(number) => {
+                if number > 1 {
+                    tracing::info!(seq, attempt = number, "resuming an interrupted request");
+                }
+                self.guarded(request.clone(), Some(Attempt { seq, number }))
+                    .await
+            }
+            Err(e) => Err(OpError::from(e)),
+        };
+        let duration = (now_ms() - received_ms).max(0) as u64;
+        let header = self.header(&request, duration);
+        let change = outcome
+            .as_ref()
+            .map(|o| o.change.clone())
+            .unwrap_or(Change::Nothing);
+        if let Err(e) = &outcome {
+            tracing::info!(seq, op = %request.op(), code = ?e.code, "request failed: {}", e.message);
+        }
+        let reply_for =
+            move |correlation: Option<&str>| to_body(&header.finish(correlation, &outcome));
+        if let Err(e) = self.ctx.store.finish(seq, change, reply_for).await {
+            // The request stays in the inbox and runs again at the next start.
+            tracing::error!(seq, error = %e, "could not record the end of a request; it will be resumed at the next start");
+            return;
+        }
+        self.outbox_wake.notify_one();
+    }
+
+    /// Runs the operation in its own task, so a panic becomes a 500 reply instead of a lane
+    /// that never moves again.
+    async fn guarded(
+        self: &Arc<Self>,
+        request: Request,
+        attempt: Option<Attempt>,
+    ) -> Result<Outcome, OpError> {
+        let this = Arc::clone(self);
+        let op = request.op();
+        match tokio::spawn(async move { ops::execute(&this.ctx, &request, attempt).await }).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::error!(%op, error = %e, "an operation panicked");
+                Err(OpError::new(
+                    ErrorCode::Internal,
+                    format!("the worker failed while running {op}; see its log"),
+                ))
+            }
+        }
+    }
+
+    fn header(&self, request: &Request, duration_ms: u64) -> ReplyHeader {
+        ReplyHeader {
+            node: self.node.clone(),
+            op: Some(request.op()),
+            container_name: request.container_name().map(|n| n.to_string()),
+            duration_ms,
+        }
+    }
+}
+
+/// The lanes. Cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    lanes: Arc<Mutex<HashMap<String, VecDeque<Job>>>>,
+    executor: Arc<Executor>,
+    tracker: TaskTracker,
+    /// Once cancelled, lanes start no new job; queued writes stay in the inbox for the next
+    /// start, queued reads are redelivered by the broker.
+    stopping: CancellationToken,
+}
+
+impl Scheduler {
+    pub fn new(executor: Executor, tracker: TaskTracker, stopping: CancellationToken) -> Self {
+        Self {
+            lanes: Arc::default(),
+            executor: Arc::new(executor),
+            tracker,
+            stopping,
+        }
+    }
+
+    /// Queues `job` at the end of lane `lane`, starting the lane if it was idle.
+    pub fn submit(&self, lane: &str, job: Job) {
+        let start_lane = {
+            let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            match lanes.get_mut(lane) {
+                Some(queue) => {
+                    queue.push_back(job);
+                    false
+                }
+                None => {
+                    lanes.insert(lane.to_owned(), VecDeque::from([job]));
+                    true
+                }
+            }
+        };
+        if start_lane {
+            let this = self.clone();
+            let lane = lane.to_owned();
+            self.tracker.spawn(async move { this.drive(lane).await });
+        }
+    }
+
+    /// How many lanes have work, and the longest queue.
+    pub fn depth(&self) -> (usize, usize) {
+        let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        let longest = lanes.values().map(VecDeque::len).max().unwrap_or(0);
+        (lanes.len(), longest)
+    }
+
+    /// Runs a lane's jobs one after another until it is empty, then removes it. The job is taken
+    /// out and the empty lane removed under one lock, so a job submitted meanwhile either lands
+    /// in this lane's queue before the check or starts a new lane.
+    async fn drive(self, lane: String) {
+        loop {
+            let job = {
+                let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+                let queue = lanes.get_mut(&lane).expect("a driven lane exists");
+                let next = if self.stopping.is_cancelled() {
+                    None
+                } else {
+                    queue.pop_front()
+                };
+                if next.is_none() {
+                    lanes.remove(&lane);
+                }
+                next
+            };
+            match job {
+                Some(job) => self.executor.run(job).await,
+                None => return,
+            }
+        }
+    }
+}

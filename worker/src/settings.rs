@@ -1,0 +1,187 @@
+//! Worker settings: command-line flags with environment fallbacks, every one in `--help`.
+//!
+//! Parsing only; nothing here touches the broker, the disk or apptainer.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The orchestrator worker: takes container requests from RabbitMQ, runs them through the
+/// `apptainer` command line one at a time per container, and publishes a reply envelope to each
+/// requester's reply queue with the request's correlation id.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "orchestrator-worker", version, about, long_about = None)]
+pub struct Settings {
+    /// AMQP URL of the broker (amqp:// or amqps://). The password is never logged.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub amqp_url: String,
+
+    /// Durable queue to consume requests from.
+    #[arg(long, env = "ORCHESTRATOR_QUEUE", default_value = schemas::DEFAULT_REQUEST_QUEUE)]
+    pub queue: String,
+
+    /// Durable queue for replies to requests that carry no `reply_to`.
+    #[arg(long, env = "ORCHESTRATOR_REPLY_QUEUE", default_value = schemas::DEFAULT_REPLY_QUEUE)]
+    pub reply_queue: String,
+
+    /// Directory for the state database, images and definition files.
+    #[arg(
+        long,
+        env = "ORCHESTRATOR_DATA_DIR",
+        default_value = "/var/lib/apptainer-orchestrator"
+    )]
+    pub data_dir: PathBuf,
+
+    /// The apptainer executable (a name looked up on PATH, or a path).
+    #[arg(long, env = "APPTAINER_BIN", default_value = "apptainer")]
+    pub apptainer: PathBuf,
+
+    /// How many apptainer processes may run at once (builds, starts, stops, checks).
+    #[arg(long, env = "ORCHESTRATOR_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub concurrency: u32,
+
+    /// How many unacknowledged deliveries the broker may send ahead.
+    #[arg(long, env = "ORCHESTRATOR_PREFETCH", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+
+    /// This worker's node id, reported in every reply. Default: the host name.
+    #[arg(long, env = "ORCHESTRATOR_NODE")]
+    pub node: Option<String>,
+
+    /// Colon-separated directories that binds and volumes may come from (after symlinks are
+    /// resolved). Default: the `volumes` folder of the data directory.
+    #[arg(long, env = "ORCHESTRATOR_ALLOWED_BIND_ROOTS", value_delimiter = ':')]
+    pub allowed_bind_roots: Vec<PathBuf>,
+
+    /// Apptainer network for instances (`--network`); `none` gives them no network namespace
+    /// and no IP of their own. Anything but `none` needs root (or an administrator's allow-list).
+    #[arg(long, env = "ORCHESTRATOR_NETWORK", default_value = "bridge")]
+    pub network: String,
+
+    /// Where `volume_name` is bound inside the container.
+    #[arg(long, env = "ORCHESTRATOR_HOME_MOUNT", default_value = schemas::DEFAULT_HOME_MOUNT)]
+    pub home_mount: String,
+
+    /// Longest an image build may take, in seconds, before it is killed.
+    #[arg(long, env = "ORCHESTRATOR_BUILD_TIMEOUT", default_value_t = 3600)]
+    pub build_timeout_secs: u64,
+
+    /// Longest any other apptainer command may take, in seconds, before it is killed.
+    #[arg(long, env = "ORCHESTRATOR_COMMAND_TIMEOUT", default_value_t = 120)]
+    pub command_timeout_secs: u64,
+
+    /// Seconds `instance stop` waits for the service before it kills it (`--timeout`).
+    #[arg(long, env = "ORCHESTRATOR_STOP_GRACE", default_value_t = 10)]
+    pub stop_grace_secs: u64,
+
+    /// On SIGTERM/SIGINT, how long running operations may take to finish, in seconds.
+    #[arg(long, env = "ORCHESTRATOR_DRAIN_TIMEOUT", default_value_t = 60)]
+    pub drain_timeout_secs: u64,
+
+    /// Largest request body accepted, in bytes (larger ones get 413).
+    #[arg(long, env = "ORCHESTRATOR_MAX_BODY", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most requests accepted but not yet finished; past it the worker stops taking deliveries
+    /// and the broker keeps them.
+    #[arg(long, env = "ORCHESTRATOR_MAX_PENDING", default_value_t = 10_000)]
+    pub max_pending: usize,
+
+    /// How long a finished request's reply is kept to answer a redelivered duplicate, in hours.
+    #[arg(long, env = "ORCHESTRATOR_DEDUPE_HOURS", default_value_t = 24)]
+    pub dedupe_hours: u64,
+}
+
+impl Settings {
+    pub fn node_id(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "unknown-host".into())
+        })
+    }
+
+    pub fn state_db(&self) -> PathBuf {
+        self.data_dir.join("state.sqlite")
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.data_dir.join("images")
+    }
+
+    pub fn definitions_dir(&self) -> PathBuf {
+        self.data_dir.join("definitions")
+    }
+
+    pub fn bind_roots(&self) -> Vec<PathBuf> {
+        if self.allowed_bind_roots.is_empty() {
+            vec![self.data_dir.join("volumes")]
+        } else {
+            self.allowed_bind_roots.clone()
+        }
+    }
+
+    pub fn build_timeout(&self) -> Duration {
+        Duration::from_secs(self.build_timeout_secs)
+    }
+
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_secs(self.command_timeout_secs)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+
+    /// The broker URL with its password replaced, for logs and error messages.
+    pub fn redacted_amqp_url(&self) -> String {
+        redact_url(&self.amqp_url)
+    }
+}
+
+/// `amqp://user:secret@host/` becomes `amqp://user:***@host/`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact_url("amqps://app:s3cr:et@mq.example:5671/prod"),
+            "amqps://app:***@mq.example:5671/prod"
+        );
+        assert_eq!(redact_url("amqp://127.0.0.1/%2f"), "amqp://127.0.0.1/%2f");
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let settings = Settings::try_parse_from(["orchestrator-worker"]).unwrap();
+        assert_eq!(settings.queue, "apptainer.requests");
+        assert_eq!(settings.reply_queue, "apptainer.replies");
+        assert_eq!(
+            settings.bind_roots(),
+            [PathBuf::from("/var/lib/apptainer-orchestrator/volumes")]
+        );
+    }
+}

@@ -1,0 +1,659 @@
+//! The SQLite store: containers, the inbox of accepted requests, and the outbox of replies.
+//!
+//! Every state change is one committed transaction: an operation's effect on the container
+//! records, the request being marked done, its stored reply and the outbox rows that carry it to
+//! every requester commit together or not at all. A crash therefore leaves either the old state
+//! with the request still in the inbox (it is resumed at start-up) or the new state with its
+//! reply waiting in the outbox. All calls run on the blocking pool, off the async threads.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts the ones applied. Never
+/// edit one that has shipped: add the next.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE containers (
+        name        TEXT PRIMARY KEY,
+        image       TEXT NOT NULL,
+        distributor TEXT NOT NULL,
+        os          TEXT NOT NULL,
+        version     TEXT NOT NULL,
+        command     TEXT NOT NULL,          -- JSON array of the start script's lines
+        environment TEXT NOT NULL,          -- JSON object
+        volume_name TEXT,
+        binds       TEXT NOT NULL,          -- JSON object, host directory -> container directory
+        image_path  TEXT NOT NULL,
+        active      INTEGER NOT NULL,
+        ip          TEXT NOT NULL,
+        updated_ms  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    -- Images left on disk by deleted containers, until deletecontdata.
+    CREATE TABLE leftover_data (
+        name       TEXT PRIMARY KEY,
+        image      TEXT NOT NULL,
+        image_path TEXT NOT NULL,
+        deleted_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    -- The inbox: one row per accepted write request, in arrival order (seq).
+    CREATE TABLE requests (
+        seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+        idempotency_key TEXT NOT NULL UNIQUE,
+        lane            TEXT NOT NULL,
+        body            TEXT NOT NULL,
+        state           TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        intent          TEXT,
+        received_ms     INTEGER NOT NULL,
+        finished_ms     INTEGER,
+        reply           TEXT
+    );
+    CREATE INDEX requests_unfinished ON requests (state) WHERE state != 'done';
+    CREATE INDEX requests_finished ON requests (finished_ms) WHERE state = 'done';
+
+    -- Everyone waiting for a request's reply: the first delivery and any duplicates of it.
+    CREATE TABLE request_waiters (
+        seq            INTEGER NOT NULL REFERENCES requests (seq) ON DELETE CASCADE,
+        reply_to       TEXT NOT NULL,
+        correlation_id TEXT
+    );
+    CREATE INDEX request_waiters_seq ON request_waiters (seq);
+
+    -- Replies committed but not yet confirmed by the broker.
+    CREATE TABLE outbox (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        reply_to       TEXT NOT NULL,
+        correlation_id TEXT,
+        body           TEXT NOT NULL
+    );
+"#];
+
+/// Errors of the store. All of them mean "the state could not be read or recorded"; callers
+/// must not acknowledge work they could not record.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the state database failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("a stored value is corrupt: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("the state database task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A registered container, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRow {
+    pub name: String,
+    pub image: String,
+    pub distributor: String,
+    pub os: String,
+    pub version: String,
+    pub command: Vec<String>,
+    pub environment: BTreeMap<String, String>,
+    pub volume_name: Option<String>,
+    pub binds: BTreeMap<String, String>,
+    pub image_path: String,
+    pub active: bool,
+    pub ip: String,
+}
+
+/// The image a deleted container left behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftoverRow {
+    pub name: String,
+    pub image: String,
+    pub image_path: String,
+}
+
+/// What an operation changes in the container records; applied in the transaction that
+/// finishes its request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Nothing,
+    /// Insert or replace the container's record.
+    Put(ContainerRow),
+    /// Unregister the container and keep its image as leftover data.
+    Unregister(LeftoverRow),
+    /// Forget the leftover data of a name (its files are already gone).
+    ForgetLeftover(String),
+}
+
+/// Where one reply must go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTarget {
+    pub reply_to: String,
+    pub correlation_id: Option<String>,
+}
+
+/// The result of offering a write request to the inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// New: run it. `seq` orders it among all accepted requests.
+    New { seq: i64 },
+    /// Seen before and still unfinished: this delivery waits for the same reply.
+    AlreadyQueued { seq: i64 },
+    /// Seen before and finished: its stored reply was queued again for this delivery.
+    AlreadyAnswered { seq: i64 },
+}
+
+/// A request accepted but not finished, found at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnfinishedRequest {
+    pub seq: i64,
+    pub lane: String,
+    pub body: String,
+    pub attempts: u32,
+    pub intent: Option<String>,
+    pub received_ms: i64,
+}
+
+/// One reply waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub target: ReplyTarget,
+    pub body: String,
+}
+
+/// A handle on the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL in WAL mode: a commit survives a crash of the process; only a power loss can
+        // lose the last transactions, never corrupt the database.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut conn)
+        })
+        .await?
+    }
+
+    /// Offers a write request to the inbox, deduplicating by its idempotency key. Returns once
+    /// the outcome is committed: only then may the delivery be acknowledged.
+    pub async fn accept(
+        &self,
+        key: String,
+        lane: String,
+        body: String,
+        target: ReplyTarget,
+    ) -> StoreResult<Accepted> {
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            let seen: Option<(i64, String, Option<String>)> = tx
+                .query_row(
+                    "SELECT seq, state, reply FROM requests WHERE idempotency_key = ?1",
+                    [&key],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                )
+                .optional()?;
+            let accepted = match seen {
+                Some((seq, state, Some(reply))) if state == "done" => {
+                    insert_outbox(&tx, &target, &reply)?;
+                    Accepted::AlreadyAnswered { seq }
+                }
+                Some((seq, _, _)) => {
+                    insert_waiter(&tx, seq, &target)?;
+                    Accepted::AlreadyQueued { seq }
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO requests (idempotency_key, lane, body, state, received_ms)
+                         VALUES (?1, ?2, ?3, 'pending', ?4)",
+                        params![key, lane, body, now_ms()],
+                    )?;
+                    let seq = tx.last_insert_rowid();
+                    insert_waiter(&tx, seq, &target)?;
+                    Accepted::New { seq }
+                }
+            };
+            tx.commit()?;
+            Ok(accepted)
+        })
+        .await
+    }
+
+    /// Marks a request as running and records the intent of its next side effect. Called before
+    /// every step that changes the host, so recovery knows the step may have happened.
+    pub async fn record_intent(&self, seq: i64, intent: &'static str) -> StoreResult<()> {
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE requests SET state = 'running', intent = ?2 WHERE seq = ?1",
+                params![seq, intent],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Counts one more attempt at running a request, and returns the count (1 on the first run;
+    /// more means an earlier run was interrupted and its side effects may be on the host).
+    pub async fn begin_attempt(&self, seq: i64) -> StoreResult<u32> {
+        self.with(move |conn| {
+            let attempts = conn.query_row(
+                "UPDATE requests SET state = 'running', attempts = attempts + 1 WHERE seq = ?1
+                 RETURNING attempts",
+                [seq],
+                |row| row.get(0),
+            )?;
+            Ok(attempts)
+        })
+        .await
+    }
+
+    /// Finishes a request in one transaction: applies `change`, stores `reply` for later
+    /// duplicates, and queues one copy of it per waiter (with the waiter's correlation id).
+    /// `reply_for` renders the reply for one correlation id.
+    pub async fn finish<R>(&self, seq: i64, change: Change, reply_for: R) -> StoreResult<()>
+    where
+        R: Fn(Option<&str>) -> String + Send + 'static,
+    {
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            apply_change(&tx, &change)?;
+            let waiters = {
+                let mut stmt = tx.prepare(
+                    "SELECT reply_to, correlation_id FROM request_waiters WHERE seq = ?1",
+                )?;
+                let rows = stmt.query_map([seq], |row| {
+                    Ok(ReplyTarget {
+                        reply_to: row.get(0)?,
+                        correlation_id: row.get(1)?,
+                    })
+                })?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            let first_correlation = waiters.first().and_then(|w| w.correlation_id.clone());
+            for waiter in &waiters {
+                insert_outbox(&tx, waiter, &reply_for(waiter.correlation_id.as_deref()))?;
+            }
+            tx.execute("DELETE FROM request_waiters WHERE seq = ?1", [seq])?;
+            tx.execute(
+                "UPDATE requests SET state = 'done', intent = NULL, finished_ms = ?2, reply = ?3
+                 WHERE seq = ?1",
+                params![seq, now_ms(), reply_for(first_correlation.as_deref())],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Requests accepted but not finished, in arrival order.
+    pub async fn unfinished(&self) -> StoreResult<Vec<UnfinishedRequest>> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT seq, lane, body, attempts, intent, received_ms FROM requests
+                 WHERE state != 'done' ORDER BY seq",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok(UnfinishedRequest {
+                    seq: row.get(0)?,
+                    lane: row.get(1)?,
+                    body: row.get(2)?,
+                    attempts: row.get(3)?,
+                    intent: row.get(4)?,
+                    received_ms: row.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// When a request was accepted (for the reply's duration).
+    pub async fn received_ms(&self, seq: i64) -> StoreResult<i64> {
+        self.with(move |conn| {
+            Ok(conn.query_row(
+                "SELECT received_ms FROM requests WHERE seq = ?1",
+                [seq],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
+    /// Forgets finished requests older than `age_ms`: duplicates arriving later run again.
+    pub async fn prune_finished(&self, age_ms: i64) -> StoreResult<usize> {
+        self.with(move |conn| {
+            Ok(conn.execute(
+                "DELETE FROM requests WHERE state = 'done' AND finished_ms < ?1",
+                [now_ms() - age_ms],
+            )?)
+        })
+        .await
+    }
+
+    pub async fn container(&self, name: &str) -> StoreResult<Option<ContainerRow>> {
+        let name = name.to_owned();
+        self.with(move |conn| {
+            conn.query_row(
+                &format!("SELECT {CONTAINER_COLUMNS} FROM containers WHERE name = ?1"),
+                [name],
+                container_from_row,
+            )
+            .optional()?
+            .transpose()
+        })
+        .await
+    }
+
+    /// One page of containers by name (pages count from 1), and the total count.
+    pub async fn containers_page(
+        &self,
+        page: u32,
+        page_size: u32,
+    ) -> StoreResult<(Vec<ContainerRow>, u64)> {
+        self.with(move |conn| {
+            let offset = i64::from(page.saturating_sub(1)) * i64::from(page_size);
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {CONTAINER_COLUMNS} FROM containers ORDER BY name LIMIT ?1 OFFSET ?2"
+            ))?;
+            let rows = stmt
+                .query_map(params![page_size, offset], container_from_row)?
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
+            let total: i64 = conn.query_row("SELECT count(*) FROM containers", [], |r| r.get(0))?;
+            Ok((rows, total as u64))
+        })
+        .await
+    }
+
+    pub async fn leftover(&self, name: &str) -> StoreResult<Option<LeftoverRow>> {
+        let name = name.to_owned();
+        self.with(move |conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT name, image, image_path FROM leftover_data WHERE name = ?1",
+                    [name],
+                    leftover_from_row,
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    pub async fn leftovers(&self) -> StoreResult<Vec<LeftoverRow>> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT name, image, image_path FROM leftover_data ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], leftover_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Replies waiting to be published, oldest first.
+    pub async fn outbox_batch(&self, limit: u32) -> StoreResult<Vec<OutboxRow>> {
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, reply_to, correlation_id, body FROM outbox ORDER BY id LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit], |row| {
+                Ok(OutboxRow {
+                    id: row.get(0)?,
+                    target: ReplyTarget {
+                        reply_to: row.get(1)?,
+                        correlation_id: row.get(2)?,
+                    },
+                    body: row.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Removes replies the broker has confirmed (or that can never be delivered).
+    pub async fn outbox_remove(&self, ids: Vec<i64>) -> StoreResult<()> {
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+                for id in ids {
+                    stmt.execute([id])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let applied: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(migration)?;
+        tx.pragma_update(None, "user_version", index + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+const CONTAINER_COLUMNS: &str = "name, image, distributor, os, version, command, environment, \
+     volume_name, binds, image_path, active, ip";
+
+/// Reads a container row; JSON columns are decoded after the SQLite read, hence the nested result.
+fn container_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<ContainerRow>> {
+    let command: String = row.get(5)?;
+    let environment: String = row.get(6)?;
+    let binds: String = row.get(8)?;
+    let (name, image, distributor, os, version) = (
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+    );
+    let (volume_name, image_path, active, ip) =
+        (row.get(7)?, row.get(9)?, row.get(10)?, row.get(11)?);
+    Ok((|| {
+        Ok(ContainerRow {
+            name,
+            image,
+            distributor,
+            os,
+            version,
+            command: serde_json::from_str(&command)?,
+            environment: serde_json::from_str(&environment)?,
+            volume_name,
+            binds: serde_json::from_str(&binds)?,
+            image_path,
+            active,
+            ip,
+        })
+    })())
+}
+
+fn leftover_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LeftoverRow> {
+    Ok(LeftoverRow {
+        name: row.get(0)?,
+        image: row.get(1)?,
+        image_path: row.get(2)?,
+    })
+}
+
+fn apply_change(tx: &Transaction<'_>, change: &Change) -> StoreResult<()> {
+    match change {
+        Change::Nothing => {}
+        Change::Put(c) => {
+            tx.execute(
+                "INSERT OR REPLACE INTO containers
+                 (name, image, distributor, os, version, command, environment, volume_name, binds,
+                  image_path, active, ip, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    c.name,
+                    c.image,
+                    c.distributor,
+                    c.os,
+                    c.version,
+                    serde_json::to_string(&c.command)?,
+                    serde_json::to_string(&c.environment)?,
+                    c.volume_name,
+                    serde_json::to_string(&c.binds)?,
+                    c.image_path,
+                    c.active,
+                    c.ip,
+                    now_ms()
+                ],
+            )?;
+        }
+        Change::Unregister(left) => {
+            tx.execute("DELETE FROM containers WHERE name = ?1", [&left.name])?;
+            tx.execute(
+                "INSERT OR REPLACE INTO leftover_data (name, image, image_path, deleted_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![left.name, left.image, left.image_path, now_ms()],
+            )?;
+        }
+        Change::ForgetLeftover(name) => {
+            tx.execute("DELETE FROM leftover_data WHERE name = ?1", [name])?;
+        }
+    }
+    Ok(())
+}
+
+fn insert_waiter(tx: &Transaction<'_>, seq: i64, target: &ReplyTarget) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO request_waiters (seq, reply_to, correlation_id) VALUES (?1, ?2, ?3)",
+        params![seq, target.reply_to, target.correlation_id],
+    )?;
+    Ok(())
+}
+
+fn insert_outbox(tx: &Transaction<'_>, target: &ReplyTarget, body: &str) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO outbox (reply_to, correlation_id, body) VALUES (?1, ?2, ?3)",
+        params![target.reply_to, target.correlation_id, body],
+    )?;
+    Ok(())
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(correlation: &str) -> ReplyTarget {
+        ReplyTarget {
+            reply_to: "replies".into(),
+            correlation_id: Some(correlation.into()),
+        }
+    }
+
+    async fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.sqlite")).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_waits_for_the_same_reply_and_a_late_one_gets_it_again() {
+        let (_dir, store) = open().await;
+        let first = store
+            .accept("k".into(), "nb1".into(), "{}".into(), target("c1"))
+            .await
+            .unwrap();
+        let Accepted::New { seq } = first else {
+            panic!("first delivery must be new, got {first:?}")
+        };
+        let second = store
+            .accept("k".into(), "nb1".into(), "{}".into(), target("c2"))
+            .await
+            .unwrap();
+        assert_eq!(second, Accepted::AlreadyQueued { seq });
+
+        store
+            .finish(seq, Change::Nothing, |c| format!("reply for {c:?}"))
+            .await
+            .unwrap();
+        let third = store
+            .accept("k".into(), "nb1".into(), "{}".into(), target("c3"))
+            .await
+            .unwrap();
+        assert_eq!(third, Accepted::AlreadyAnswered { seq });
+
+        let bodies: Vec<String> = store
+            .outbox_batch(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| row.body)
+            .collect();
+        assert_eq!(
+            bodies,
+            [
+                "reply for Some(\"c1\")",
+                "reply for Some(\"c2\")",
+                "reply for Some(\"c1\")"
+            ]
+        );
+        assert!(store.unfinished().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn unfinished_requests_come_back_in_arrival_order_with_their_attempts() {
+        let (_dir, store) = open().await;
+        for key in ["a", "b", "c"] {
+            store
+                .accept(key.into(), "nb1".into(), key.into(), target(key))
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.begin_attempt(2).await.unwrap(), 1);
+        store.record_intent(2, "starting_instance").await.unwrap();
+        store
+            .finish(1, Change::Nothing, |_| "r".into())
+            .await
+            .unwrap();
+
+        let unfinished = store.unfinished().await.unwrap();
+        let summary: Vec<_> = unfinished
+            .iter()
+            .map(|r| (r.body.as_str(), r.attempts, r.intent.as_deref()))
+            .collect();
+        assert_eq!(
+            summary,
+            [("b", 1, Some("starting_instance")), ("c", 0, None)]
+        );
+    }
+}
