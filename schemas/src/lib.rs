@@ -35,7 +35,10 @@ pub const DEFAULT_HOME_MOUNT: &str = "/home/nextpyter";
 /// One request: the body of an AMQP message on the request queue, named by its `"op"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "op", rename_all = "lowercase")]
-#[schemars(title = "Request", description = "One apptainer-orchestrator request (protocol v1).")]
+#[schemars(
+    title = "Request",
+    description = "One apptainer-orchestrator request (protocol v1)."
+)]
 pub enum Request {
     /// Build the image (if needed) and start the container's instance. 201 on success.
     Start(StartRequest),

@@ -23,7 +23,10 @@ impl ContainerName {
 
     pub fn parse(name: &str) -> Result<Self, InvalidContainerName> {
         let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
-        let starts_well = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        let starts_well = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
         if name.len() <= Self::MAX_LEN && starts_well && name.chars().all(valid_char) {
             Ok(Self(name.to_owned()))
         } else {
@@ -101,10 +104,26 @@ mod tests {
     #[test]
     fn names_follow_the_allow_list() {
         for good in ["nb1", "a", "user.name_x-1", &"x".repeat(64)] {
-            assert!(ContainerName::parse(good).is_ok(), "{good} should be accepted");
+            assert!(
+                ContainerName::parse(good).is_ok(),
+                "{good} should be accepted"
+            );
         }
-        for bad in ["", ".", "..", "-rf", "a/b", "a b", "é", "nb1\n", &"x".repeat(65)] {
-            assert!(ContainerName::parse(bad).is_err(), "{bad:?} should be refused");
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-rf",
+            "a/b",
+            "a b",
+            "é",
+            "nb1\n",
+            &"x".repeat(65),
+        ] {
+            assert!(
+                ContainerName::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
         }
     }
 }

@@ -72,6 +72,9 @@ fn request_schema_and_types_agree_on_examples() {
     ];
     for example in refused {
         assert!(!validator.is_valid(&example), "schema accepts {example}");
-        assert!(serde_json::from_value::<Request>(example.clone()).is_err(), "types accept {example}");
+        assert!(
+            serde_json::from_value::<Request>(example.clone()).is_err(),
+            "types accept {example}"
+        );
     }
 }
