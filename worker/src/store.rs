@@ -217,6 +217,7 @@ impl Store {
                 .optional()?;
             let accepted = match seen {
                 Some((seq, state, Some(reply))) if state == "done" => {
+                    let reply = with_correlation_id(&reply, target.correlation_id.as_deref())?;
                     insert_outbox(&tx, &target, &reply)?;
                     Accepted::AlreadyAnswered { seq }
                 }
@@ -546,6 +547,16 @@ fn apply_change(tx: &Transaction<'_>, change: &Change) -> StoreResult<()> {
     Ok(())
 }
 
+/// The stored reply of a finished request, addressed to a later duplicate: the same reply with
+/// the duplicate's own correlation id, which clients match replies by.
+fn with_correlation_id(reply: &str, correlation_id: Option<&str>) -> StoreResult<String> {
+    let mut reply: serde_json::Value = serde_json::from_str(reply)?;
+    if let Some(object) = reply.as_object_mut() {
+        object.insert("correlation_id".into(), correlation_id.into());
+    }
+    Ok(reply.to_string())
+}
+
 fn insert_waiter(tx: &Transaction<'_>, seq: i64, target: &ReplyTarget) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO request_waiters (seq, reply_to, correlation_id) VALUES (?1, ?2, ?3)",
@@ -603,7 +614,9 @@ mod tests {
         assert_eq!(second, Accepted::AlreadyQueued { seq });
 
         store
-            .finish(seq, Change::Nothing, |c| format!("reply for {c:?}"))
+            .finish(seq, Change::Nothing, |c| {
+                serde_json::json!({ "correlation_id": c, "status": 201 }).to_string()
+            })
             .await
             .unwrap();
         let third = store
@@ -619,14 +632,8 @@ mod tests {
             .into_iter()
             .map(|row| row.body)
             .collect();
-        assert_eq!(
-            bodies,
-            [
-                "reply for Some(\"c1\")",
-                "reply for Some(\"c2\")",
-                "reply for Some(\"c1\")"
-            ]
-        );
+        let reply = |c: &str| serde_json::json!({ "correlation_id": c, "status": 201 }).to_string();
+        assert_eq!(bodies, [reply("c1"), reply("c2"), reply("c3")]);
         assert!(store.unfinished().await.unwrap().is_empty());
     }
 
