@@ -142,7 +142,13 @@ impl Intake {
             Err(e) if loose.is_none() => {
                 return invalid(format!("the request body is not valid JSON: {e}"))
             }
-            Err(e) => return invalid(format!("invalid request: {e}")),
+            Err(e) => {
+                let detail = loose
+                    .as_ref()
+                    .and_then(explain_field_error)
+                    .unwrap_or_else(|| e.to_string());
+                return invalid(format!("invalid request: {detail}"));
+            }
         };
         match validate::check(&request) {
             Ok(()) => Decoded::Valid(request),
@@ -242,6 +248,33 @@ impl Intake {
 
     async fn reply_then_ack(&self, delivery: Delivery, target: ReplyTarget, body: String) {
         publish_then_ack(&self.publisher, delivery, target, body).await
+    }
+}
+
+/// Serde reports errors inside an internally tagged enum without the field's name; decoding the
+/// operation's own fields again names it ("container_name: invalid type: integer `7`...").
+fn explain_field_error(body: &serde_json::Value) -> Option<String> {
+    fn first_error<T: serde::de::DeserializeOwned>(fields: serde_json::Value) -> Option<String> {
+        serde_path_to_error::deserialize::<_, T>(fields)
+            .err()
+            .map(|e| match e.path().to_string().as_str() {
+                "." => e.inner().to_string(),
+                path => format!("{path}: {}", e.inner()),
+            })
+    }
+    let mut fields = body.as_object()?.clone();
+    let op = fields.remove("op")?;
+    let fields = serde_json::Value::Object(fields);
+    match op.as_str()? {
+        "start" => first_error::<schemas::StartRequest>(fields),
+        "stop" | "restart" | "getcont" | "deletecont" | "deletecontdata" => {
+            first_error::<schemas::ContainerRequest>(fields)
+        }
+        "getallcont" => first_error::<schemas::PageRequest>(fields),
+        "createvolume" | "deletevolume" | "removevolume" => {
+            first_error::<schemas::VolumeRequest>(fields)
+        }
+        _ => None,
     }
 }
 
