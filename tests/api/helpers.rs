@@ -1,0 +1,358 @@
+//! Shared test plumbing: a real worker process per test, against the real broker and
+//! `fake-apptainer`, with its own queues, data directory and fake state.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use orchestrator_producer::{Client, PendingReply, Publish};
+use schemas::Reply;
+use serde_json::Value;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn worker_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_orchestrator-worker-under-test")
+}
+
+pub fn fake_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fake-apptainer")
+}
+
+/// The reply schema, compiled once.
+fn reply_validator() -> &'static jsonschema::Validator {
+    static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
+    VALIDATOR.get_or_init(|| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/json/reply.json");
+        let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        jsonschema::validator_for(&schema).unwrap()
+    })
+}
+
+/// Fails the test when a reply does not validate against `schemas/json/reply.json`.
+pub fn assert_valid_reply(reply: &Reply) {
+    let value = serde_json::to_value(reply).unwrap();
+    let errors: Vec<String> = reply_validator()
+        .iter_errors(&value)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "reply {value} breaks the schema: {errors:?}"
+    );
+}
+
+/// Options of a test worker.
+#[derive(Default, Clone)]
+pub struct WorkerOptions {
+    pub concurrency: Option<u32>,
+    /// Extra environment for the worker (and so for fake-apptainer), e.g. FAKE_APPTAINER_DELAY_MS.
+    pub env: Vec<(String, String)>,
+}
+
+/// One worker process with everything it owns.
+pub struct TestWorker {
+    pub queue: String,
+    pub reply_queue: String,
+    pub dir: tempfile::TempDir,
+    pub client: Client,
+    options: WorkerOptions,
+    child: Option<Child>,
+}
+
+pub async fn spawn_worker() -> TestWorker {
+    spawn_worker_with(WorkerOptions::default()).await
+}
+
+pub async fn spawn_worker_with(options: WorkerOptions) -> TestWorker {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let dir = tempfile::Builder::new()
+        .prefix("orchestrator-test-")
+        .tempdir()
+        .unwrap();
+    std::fs::create_dir_all(dir.path().join("data/volumes")).unwrap();
+    std::fs::create_dir_all(dir.path().join("apptainer")).unwrap();
+    let queue = format!("test.requests.{id}");
+    let reply_queue = format!("test.replies.{id}");
+    let child = start_process(dir.path(), &queue, &reply_queue, &options);
+    let mut worker = TestWorker {
+        client: Client::connect(AMQP_URL, &queue).await.unwrap(),
+        queue,
+        reply_queue,
+        dir,
+        options,
+        child: Some(child),
+    };
+    worker.wait_until_consuming().await;
+    worker
+}
+
+fn start_process(dir: &Path, queue: &str, reply_queue: &str, options: &WorkerOptions) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("worker.log"))
+        .unwrap();
+    let mut command = Command::new(worker_bin());
+    command
+        .args(["--queue", queue, "--reply-queue", reply_queue])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--amqp-url", AMQP_URL])
+        .args([
+            "--concurrency",
+            &options.concurrency.unwrap_or(4).to_string(),
+        ])
+        .env("APPTAINER_BIN", fake_bin())
+        .env("APPTAINER_CONFIGDIR", dir.join("apptainer"))
+        .env("FAKE_APPTAINER_LOG", dir.join("fake.log"))
+        .env("FAKE_APPTAINER_CONTROL", dir.join("fake.control"))
+        .env("RUST_LOG", "info,lapin=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (key, value) in &options.env {
+        command.env(key, value);
+    }
+    command.spawn().expect("the worker binary starts")
+}
+
+impl TestWorker {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A new directory under the default allowed bind root.
+    pub fn volume(&self, name: &str) -> String {
+        let path = self.data_dir().join("volumes").join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        path.display().to_string()
+    }
+
+    /// Changes fake-apptainer's behaviour for the calls the worker makes from now on
+    /// (`FAIL=build`, `DELAY_MS=build=2000`, ...); an empty slice restores normal behaviour.
+    pub fn control_fake(&self, lines: &[&str]) {
+        std::fs::write(self.dir.path().join("fake.control"), lines.join("\n")).unwrap();
+    }
+
+    /// Waits until the worker's consumer is registered on the request queue.
+    async fn wait_until_consuming(&mut self) {
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("the worker exited with {status}; log:\n{}", self.log());
+            }
+            let channel = connection.create_channel().await.unwrap();
+            let declared = channel
+                .queue_declare(
+                    self.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            if matches!(&declared, Ok(queue) if queue.consumer_count() > 0) {
+                let _ = connection.close(200, "ready".into()).await;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the worker did not start consuming; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default()
+    }
+
+    /// Kills the worker process at once (SIGKILL): no drain, no flush.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts the worker again on the same queues, data directory and fake state.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill the worker first");
+        self.child = Some(start_process(
+            self.dir.path(),
+            &self.queue,
+            &self.reply_queue,
+            &self.options,
+        ));
+        self.wait_until_consuming().await;
+    }
+
+    /// Publishes a request and awaits its final reply, which must validate against the schema.
+    pub async fn call(&self, request: Value) -> Reply {
+        let reply = self
+            .client
+            .call_raw(
+                request.to_string().as_bytes(),
+                Publish::default(),
+                REPLY_TIMEOUT,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("no reply to {request}: {e}; worker log:\n{}", self.log()));
+        assert_valid_reply(&reply);
+        reply
+    }
+
+    /// Publishes a request and returns a handle on its reply.
+    pub async fn send(&self, request: Value, options: Publish) -> PendingReply {
+        self.client
+            .send(request.to_string().as_bytes(), options)
+            .await
+            .unwrap()
+    }
+
+    /// Every invocation fake-apptainer finished, in the order they ended.
+    pub fn fake_calls(&self) -> Vec<FakeCall> {
+        let text = std::fs::read_to_string(self.dir.path().join("fake.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|v| v.get("end_ms").is_some())
+            .map(|v| FakeCall {
+                argv: v["argv"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_owned())
+                    .collect(),
+                start_ms: v["start_ms"].as_i64().unwrap(),
+                end_ms: v["end_ms"].as_i64().unwrap(),
+                exit: v["exit"].as_i64().unwrap(),
+            })
+            .collect()
+    }
+
+    /// Invocations that have begun (including ones still running or killed).
+    pub fn fake_calls_begun(&self) -> Vec<Vec<String>> {
+        let text = std::fs::read_to_string(self.dir.path().join("fake.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|v| v["event"] == "begin")
+            .map(|v| {
+                v["argv"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Instances fake-apptainer has running, as `instance list --json` reports them.
+    pub fn running_instances(&self) -> Vec<String> {
+        let output = Command::new(fake_bin())
+            .args(["instance", "list", "--json"])
+            .env("APPTAINER_CONFIGDIR", self.dir.path().join("apptainer"))
+            .output()
+            .unwrap();
+        let list: Value = serde_json::from_slice(&output.stdout).unwrap();
+        list["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["instance"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = Command::new(fake_bin())
+            .args(["instance", "stop", "--all"])
+            .env("APPTAINER_CONFIGDIR", self.dir.path().join("apptainer"))
+            .stderr(Stdio::null())
+            .status();
+        let queues = [self.queue.clone(), self.reply_queue.clone()];
+        // Runs on a thread of its own: Drop may run inside the test's runtime.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let Ok(connection) =
+                        Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                    else {
+                        return;
+                    };
+                    if let Ok(channel) = connection.create_channel().await {
+                        for queue in queues {
+                            let _ = channel
+                                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                                .await;
+                        }
+                    }
+                    let _ = connection.close(200, "test done".into()).await;
+                })
+        })
+        .join();
+    }
+}
+
+/// One finished invocation of fake-apptainer.
+#[derive(Debug, Clone)]
+pub struct FakeCall {
+    pub argv: Vec<String>,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub exit: i64,
+}
+
+impl FakeCall {
+    /// `build`, `instance start`, ...: the subcommand, without its options.
+    pub fn subcommand(&self) -> String {
+        match self.argv.first().map(String::as_str) {
+            Some("instance") => {
+                format!("instance {}", self.argv.get(1).cloned().unwrap_or_default())
+            }
+            Some(other) => other.to_owned(),
+            None => String::new(),
+        }
+    }
+
+    /// Whether the invocation names `container` (as an instance or an image path).
+    pub fn concerns(&self, container: &str) -> bool {
+        self.argv
+            .iter()
+            .any(|a| a == container || a.ends_with(&format!("/images/{container}")))
+    }
+}
+
+/// A `start` request for `name` with the fields every start needs.
+pub fn start_request(name: &str) -> Value {
+    serde_json::json!({
+        "op": "start",
+        "container_name": name,
+        "container_image": "jupyter/base-notebook",
+        "image_distributor": "docker",
+        "image_os": "jupyter/base-notebook",
+        "image_version": "latest",
+        "container_command": ["jupyter lab --no-browser"]
+    })
+}
+
+pub fn named(op: &str, name: &str) -> Value {
+    serde_json::json!({"op": op, "container_name": name})
+}

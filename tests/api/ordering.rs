@@ -1,0 +1,134 @@
+//! Order within a container, parallelism across containers.
+
+use orchestrator_producer::Publish;
+
+use crate::helpers::{
+    named, spawn_worker, spawn_worker_with, start_request, FakeCall, WorkerOptions, REPLY_TIMEOUT,
+};
+
+/// The largest number of calls running at the same moment.
+fn max_overlap(calls: &[FakeCall]) -> usize {
+    let mut edges: Vec<(i64, i32)> = calls
+        .iter()
+        .flat_map(|c| [(c.start_ms, 1), (c.end_ms, -1)])
+        .collect();
+    // Ends sort before starts at the same millisecond: touching is not overlapping.
+    edges.sort();
+    let (mut running, mut most) = (0i32, 0i32);
+    for (_, delta) in edges {
+        running += delta;
+        most = most.max(running);
+    }
+    most as usize
+}
+
+#[tokio::test]
+async fn requests_for_one_container_run_one_at_a_time_in_publish_order() {
+    let worker = spawn_worker().await;
+    let mut requests = vec![start_request("ordered")];
+    for i in 0..29 {
+        requests.push(named(
+            if i % 2 == 0 { "stop" } else { "restart" },
+            "ordered",
+        ));
+    }
+
+    // Publish all 30 back to back, then collect the replies.
+    let mut pending = Vec::new();
+    for request in &requests {
+        pending.push(worker.send(request.clone(), Publish::default()).await);
+    }
+    let mut statuses = Vec::new();
+    for reply in pending {
+        statuses.push(reply.wait(REPLY_TIMEOUT).await.unwrap().status);
+    }
+
+    let mut expected = vec![201];
+    expected.extend(std::iter::repeat_n(200, 29));
+    assert_eq!(
+        statuses, expected,
+        "each request found the state its predecessor left"
+    );
+    let mut calls: Vec<FakeCall> = worker
+        .fake_calls()
+        .into_iter()
+        .filter(|c| c.concerns("ordered"))
+        .collect();
+    calls.sort_by_key(|c| c.start_ms);
+    assert_eq!(
+        max_overlap(&calls),
+        1,
+        "no two apptainer calls for one container overlap: {calls:#?}"
+    );
+    let lifecycle: Vec<String> = calls
+        .iter()
+        .map(FakeCall::subcommand)
+        .filter(|s| s == "instance start" || s == "instance stop")
+        .collect();
+    let expected: Vec<&str> = (0..30)
+        .map(|i| {
+            if i % 2 == 0 {
+                "instance start"
+            } else {
+                "instance stop"
+            }
+        })
+        .collect();
+    assert_eq!(
+        lifecycle, expected,
+        "apptainer ran the requests in publish order"
+    );
+}
+
+#[tokio::test]
+async fn starts_of_different_containers_overlap_up_to_the_concurrency_limit() {
+    let worker = spawn_worker_with(WorkerOptions {
+        concurrency: Some(4),
+        env: vec![("FAKE_APPTAINER_DELAY_MS".into(), "build=1500".into())],
+    })
+    .await;
+
+    let mut pending = Vec::new();
+    for i in 0..8 {
+        pending.push(
+            worker
+                .send(start_request(&format!("par{i}")), Publish::default())
+                .await,
+        );
+    }
+    let mut replies = Vec::new();
+    for reply in pending {
+        replies.push(reply.wait(REPLY_TIMEOUT).await.unwrap().status);
+    }
+
+    assert_eq!(replies, [201; 8]);
+    let builds: Vec<FakeCall> = worker
+        .fake_calls()
+        .into_iter()
+        .filter(|c| c.subcommand() == "build")
+        .collect();
+    assert_eq!(builds.len(), 8);
+    assert_eq!(
+        max_overlap(&builds),
+        4,
+        "builds ran four at a time: {builds:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_getcont_published_after_a_start_sees_the_started_container() {
+    let worker = spawn_worker_with(WorkerOptions {
+        env: vec![("FAKE_APPTAINER_DELAY_MS".into(), "build=500".into())],
+        ..WorkerOptions::default()
+    })
+    .await;
+
+    let start = worker.send(start_request("seen"), Publish::default()).await;
+    let get = worker
+        .send(named("getcont", "seen"), Publish::default())
+        .await;
+
+    let get = get.wait(REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(start.wait(REPLY_TIMEOUT).await.unwrap().status, 201);
+    assert_eq!(get.status, 200, "{get:?}");
+}
