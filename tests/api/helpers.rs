@@ -52,12 +52,18 @@ pub fn assert_valid_reply(reply: &Reply) {
 #[derive(Default, Clone)]
 pub struct WorkerOptions {
     pub concurrency: Option<u32>,
+    /// Extra command-line arguments of the worker.
+    pub args: Vec<String>,
+    /// Another data directory (for example on a small file system).
+    pub data_dir: Option<PathBuf>,
     /// Extra environment for the worker (and so for fake-apptainer), e.g. FAKE_APPTAINER_DELAY_MS.
     pub env: Vec<(String, String)>,
 }
 
 /// One worker process with everything it owns.
 pub struct TestWorker {
+    /// The worker's node id; its broker connections are named after it.
+    pub node: String,
     pub queue: String,
     pub reply_queue: String,
     pub dir: tempfile::TempDir,
@@ -78,10 +84,15 @@ pub async fn spawn_worker_with(options: WorkerOptions) -> TestWorker {
         .unwrap();
     std::fs::create_dir_all(dir.path().join("data/volumes")).unwrap();
     std::fs::create_dir_all(dir.path().join("apptainer")).unwrap();
+    if let Some(data) = &options.data_dir {
+        std::fs::create_dir_all(data.join("volumes")).unwrap();
+    }
     let queue = format!("test.requests.{id}");
     let reply_queue = format!("test.replies.{id}");
-    let child = start_process(dir.path(), &queue, &reply_queue, &options);
+    let node = format!("test-{id}");
+    let child = start_process(dir.path(), &node, &queue, &reply_queue, &options);
     let mut worker = TestWorker {
+        node,
         client: Client::connect(AMQP_URL, &queue).await.unwrap(),
         queue,
         reply_queue,
@@ -93,7 +104,13 @@ pub async fn spawn_worker_with(options: WorkerOptions) -> TestWorker {
     worker
 }
 
-fn start_process(dir: &Path, queue: &str, reply_queue: &str, options: &WorkerOptions) -> Child {
+fn start_process(
+    dir: &Path,
+    node: &str,
+    queue: &str,
+    reply_queue: &str,
+    options: &WorkerOptions,
+) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -102,8 +119,10 @@ fn start_process(dir: &Path, queue: &str, reply_queue: &str, options: &WorkerOpt
     let mut command = Command::new(worker_bin());
     command
         .args(["--queue", queue, "--reply-queue", reply_queue])
+        .args(["--node", node])
         .arg("--data-dir")
-        .arg(dir.join("data"))
+        .arg(options.data_dir.clone().unwrap_or_else(|| dir.join("data")))
+        .args(&options.args)
         .args(["--amqp-url", AMQP_URL])
         .args([
             "--concurrency",
@@ -125,7 +144,10 @@ fn start_process(dir: &Path, queue: &str, reply_queue: &str, options: &WorkerOpt
 
 impl TestWorker {
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.options
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     /// A new directory under the default allowed bind root.
@@ -187,11 +209,34 @@ impl TestWorker {
         }
     }
 
+    /// Sends SIGTERM and waits (at most `limit`) for the worker to exit; returns its status.
+    pub fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the worker is running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "the worker did not exit within {limit:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the worker again on the same queues, data directory and fake state.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "kill the worker first");
         self.child = Some(start_process(
             self.dir.path(),
+            &self.node,
             &self.queue,
             &self.reply_queue,
             &self.options,
@@ -239,6 +284,15 @@ impl TestWorker {
                 end_ms: v["end_ms"].as_i64().unwrap(),
                 exit: v["exit"].as_i64().unwrap(),
             })
+            .collect()
+    }
+
+    /// Finished invocations that act on the host: everything but `instance list`, which the
+    /// reconciler also runs on its own.
+    pub fn fake_actions(&self) -> Vec<FakeCall> {
+        self.fake_calls()
+            .into_iter()
+            .filter(|c| c.subcommand() != "instance list")
             .collect()
     }
 

@@ -67,7 +67,10 @@ async fn malformed_unknown_missing_and_mistyped_requests_get_a_400_naming_the_pr
 
     let still_serving = worker.call(json!({"op": "getallcont"})).await;
     assert_eq!(still_serving.status, 200);
-    assert!(worker.fake_calls().is_empty(), "nothing reached apptainer");
+    assert!(
+        worker.fake_actions().is_empty(),
+        "nothing reached apptainer"
+    );
 }
 
 #[tokio::test]
@@ -79,7 +82,10 @@ async fn a_definition_file_injection_is_refused_before_anything_runs() {
     let reply = worker.call(start).await;
 
     assert_eq!(reply.status, 400, "{reply:?}");
-    assert!(worker.fake_calls().is_empty());
+    assert!(
+        worker.fake_actions().is_empty(),
+        "nothing reached apptainer"
+    );
     assert_eq!(worker.call(named("getcont", "inj")).await.status, 404);
 }
 

@@ -85,6 +85,7 @@ async fn starts_of_different_containers_overlap_up_to_the_concurrency_limit() {
     let worker = spawn_worker_with(WorkerOptions {
         concurrency: Some(4),
         env: vec![("FAKE_APPTAINER_DELAY_MS".into(), "build=1500".into())],
+        ..WorkerOptions::default()
     })
     .await;
 

@@ -17,9 +17,10 @@ use crate::broker::Broker;
 use crate::intake::{lane_of, Intake};
 use crate::ops::OpContext;
 use crate::outbox::{self, reconnect_backoff, Publisher};
+use crate::reconciler::Reconciler;
 use crate::runtime::{Apptainer, Runtime};
 use crate::scheduler::{Executor, Job, JobKind, Scheduler};
-use crate::settings::Settings;
+use crate::settings::{RestorePolicy, Settings};
 use crate::store::Store;
 
 /// How often finished requests older than the deduplication window are forgotten.
@@ -113,6 +114,8 @@ impl Worker {
             },
             node: self.node.clone(),
             outbox_wake: Arc::clone(&outbox_wake),
+            max_attempts: self.settings.max_attempts,
+            restore: self.settings.restore_policy == RestorePolicy::Restart,
         };
         let scheduler = Scheduler::new(executor, tracker.clone(), stop.clone());
         let outbox_stop = CancellationToken::new();
@@ -124,6 +127,21 @@ impl Worker {
         ));
 
         let resumed = self.resume_unfinished(&scheduler).await?;
+        let reconciler = Reconciler {
+            store: self.store.clone(),
+            runtime: Arc::clone(&self.runtime),
+            scheduler: scheduler.clone(),
+        };
+        // At start-up, after the resumed requests: their lanes converge first.
+        if let Err(e) = reconciler.reconcile_once().await {
+            tracing::warn!(error = %e, "could not compare the records with apptainer's instances at start-up");
+        }
+        let reconciling = (self.settings.reconcile_interval_secs > 0).then(|| {
+            tokio::spawn(reconciler.run(
+                Duration::from_secs(self.settings.reconcile_interval_secs),
+                stop.clone(),
+            ))
+        });
         tracing::info!(
             node = %self.node,
             queue = %self.broker.request_queue,
@@ -145,7 +163,10 @@ impl Worker {
             tracker: tracker.clone(),
             node: self.node.clone(),
             default_reply_queue: self.settings.reply_queue.clone(),
+            dead_letter_queue: self.settings.dead_letter_queue(),
             max_body_bytes: self.settings.max_body_bytes,
+            max_attempts: self.settings.max_attempts,
+            stop: stop.clone(),
         };
         let consuming = consume_until_cancelled(&self.broker, &intake, stop.clone(), &tracker);
         tokio::pin!(consuming);
@@ -167,6 +188,9 @@ impl Worker {
             );
         }
         pruner.abort();
+        if let Some(reconciling) = reconciling {
+            let _ = reconciling.await;
+        }
         outbox_stop.cancel();
         let _ = outbox_task.await;
         outbox::flush(&self.store, &self.publisher, FINAL_FLUSH).await;
@@ -194,10 +218,11 @@ impl Worker {
             scheduler.submit(
                 &entry.lane,
                 Job {
-                    request,
                     kind: JobKind::Write {
+                        request,
                         seq: entry.seq,
                         received_ms: entry.received_ms,
+                        deadline_ms: entry.deadline_ms,
                     },
                     permit: None,
                 },

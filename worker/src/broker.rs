@@ -19,6 +19,7 @@ pub struct Broker {
     url: String,
     pub request_queue: String,
     pub reply_queue: String,
+    pub dead_letter_queue: String,
     prefetch: u16,
     node: String,
 }
@@ -39,6 +40,7 @@ impl Broker {
             url: settings.amqp_url.clone(),
             request_queue: settings.queue.clone(),
             reply_queue: settings.reply_queue.clone(),
+            dead_letter_queue: settings.dead_letter_queue(),
             prefetch: settings.prefetch,
             node: node.to_owned(),
         }
@@ -62,10 +64,14 @@ impl Broker {
         ))
     }
 
-    /// The queues every worker needs: the request queue and the default reply queue, both
-    /// durable.
+    /// The queues every worker needs: the request queue, the default reply queue and the
+    /// dead-letter queue, all durable.
     pub async fn declare_topology(&self, channel: &Channel) -> Result<(), BrokerError> {
-        for queue in [&self.request_queue, &self.reply_queue] {
+        for queue in [
+            &self.request_queue,
+            &self.reply_queue,
+            &self.dead_letter_queue,
+        ] {
             channel
                 .queue_declare(
                     queue.as_str().into(),

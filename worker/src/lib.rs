@@ -10,6 +10,7 @@
 //! - [`runtime`]: the apptainer adapter and the definition-file renderer;
 //! - [`store`]: SQLite (containers, inbox, outbox);
 //! - [`outbox`]: confirmed publishing of replies;
+//! - [`reconciler`]: compares the records with the instances apptainer runs;
 //! - [`app`]: [`Worker`], which wires them together.
 
 pub mod app;
@@ -17,6 +18,7 @@ pub mod broker;
 pub mod intake;
 pub mod ops;
 pub mod outbox;
+pub mod reconciler;
 pub mod reply;
 pub mod runtime;
 pub mod scheduler;

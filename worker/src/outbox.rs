@@ -103,40 +103,70 @@ impl Publisher {
             if let Some(correlation) = &target.correlation_id {
                 properties = properties.with_correlation_id(correlation.as_str().into());
             }
-            let confirm = channel
-                .basic_publish(
-                    "".into(),
-                    target.reply_to.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    body.as_bytes(),
-                    properties,
-                )
-                .await?;
-            confirms.push(confirm);
+            confirms.push(send(&channel, &target.reply_to, body.as_bytes(), properties).await?);
         }
         let mut delivered = Vec::with_capacity(confirms.len());
         for (confirm, (target, _)) in confirms.into_iter().zip(replies) {
-            let confirmation = confirm.await?;
-            if confirmation.is_nack() {
-                return Err(PublishError::Nacked);
-            }
-            if confirmation.take_message().is_some() {
+            let outcome = confirmed(confirm).await?;
+            if outcome == Delivered::NoSuchQueue {
                 tracing::warn!(reply_to = %target.reply_to, correlation_id = ?target.correlation_id,
                     "the reply queue does not exist; the reply was dropped");
-                delivered.push(Delivered::NoSuchQueue);
-            } else {
-                delivered.push(Delivered::Confirmed);
             }
+            delivered.push(outcome);
         }
         Ok(delivered)
+    }
+
+    /// Publishes one message to `queue` with the given properties, confirmed.
+    pub async fn publish_to(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Delivered, PublishError> {
+        let result = async {
+            let channel = self.channel().await?;
+            confirmed(send(&channel, queue, body, properties).await?).await
+        }
+        .await;
+        if result.is_err() {
+            self.reset().await;
+        }
+        result
     }
 
     pub async fn close(&self) {
         self.reset().await;
     }
+}
+
+/// Publishes one message to a queue through the default exchange, `mandatory`.
+async fn send(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<lapin::PublisherConfirm, PublishError> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    Ok(channel
+        .basic_publish("".into(), queue.into(), options, body, properties)
+        .await?)
+}
+
+/// Awaits the broker's confirm of one message.
+async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<Delivered, PublishError> {
+    let confirmation = confirm.await?;
+    if confirmation.is_nack() {
+        return Err(PublishError::Nacked);
+    }
+    Ok(if confirmation.take_message().is_some() {
+        Delivered::NoSuchQueue
+    } else {
+        Delivered::Confirmed
+    })
 }
 
 /// The backoff between attempts while the broker is away: exponential, jittered, capped.

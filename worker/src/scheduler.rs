@@ -24,7 +24,6 @@ pub const GLOBAL_LANE: &str = "*";
 
 /// One unit of work in a lane.
 pub struct Job {
-    pub request: Request,
     pub kind: JobKind,
     /// Held until the job is done; bounds the work accepted but not finished.
     pub permit: Option<OwnedSemaphorePermit>,
@@ -32,13 +31,22 @@ pub struct Job {
 
 pub enum JobKind {
     /// A write request in the inbox: its reply goes through the outbox.
-    Write { seq: i64, received_ms: i64 },
+    Write {
+        request: Request,
+        seq: i64,
+        received_ms: i64,
+        deadline_ms: Option<i64>,
+    },
     /// A read: its reply goes back to the intake, which publishes it and then acknowledges.
     Read {
+        request: Request,
         received: Instant,
+        deadline_ms: Option<i64>,
         correlation_id: Option<String>,
         reply: oneshot::Sender<Reply>,
     },
+    /// The reconciler found the container's instance gone while it is recorded as running.
+    Reconcile { name: String },
 }
 
 /// Runs jobs: operations, then their commit with the reply.
@@ -47,40 +55,81 @@ pub struct Executor {
     pub node: String,
     /// Woken when replies were committed to the outbox.
     pub outbox_wake: Arc<Notify>,
+    /// A request interrupted this many times (the worker died while running it) is given up.
+    pub max_attempts: u32,
+    /// Whether instances that died outside the orchestrator are started again.
+    pub restore: bool,
 }
 
 impl Executor {
     async fn run(self: &Arc<Self>, job: Job) {
         let Job {
-            request,
             kind,
             permit: _permit,
         } = job;
         match kind {
-            JobKind::Write { seq, received_ms } => self.run_write(seq, received_ms, request).await,
+            JobKind::Write {
+                request,
+                seq,
+                received_ms,
+                deadline_ms,
+            } => self.run_write(seq, received_ms, deadline_ms, request).await,
             JobKind::Read {
+                request,
                 received,
+                deadline_ms,
                 correlation_id,
                 reply,
             } => {
-                let outcome = self.guarded(request.clone(), None).await;
+                let outcome = match deadline_passed(deadline_ms) {
+                    Some(error) => Err(error),
+                    None => self.guarded(request.clone(), None).await,
+                };
                 let header = self.header(&request, received.elapsed().as_millis() as u64);
                 // The intake may have given up (shutdown); then the delivery is redelivered.
                 let _ = reply.send(header.finish(correlation_id.as_deref(), &outcome));
             }
+            JobKind::Reconcile { name } => {
+                if let Err(e) = ops::converge_dead_instance(&self.ctx, &name, self.restore).await {
+                    tracing::warn!(container = %name, error = %e, "could not reconcile a dead instance");
+                }
+            }
         }
     }
 
-    async fn run_write(self: &Arc<Self>, seq: i64, received_ms: i64, request: Request) {
+    async fn run_write(
+        self: &Arc<Self>,
+        seq: i64,
+        received_ms: i64,
+        deadline_ms: Option<i64>,
+        request: Request,
+    ) {
         let outcome = match self.ctx.store.begin_attempt(seq).await {
-            Ok(number) => {
-                if number > 1 {
-                    tracing::info!(seq, attempt = number, "resuming an interrupted request");
-                }
-                self.guarded(request.clone(), Some(Attempt { seq, number }))
-                    .await
-            }
             Err(e) => Err(OpError::from(e)),
+            Ok(number) if number > self.max_attempts => {
+                tracing::error!(
+                    seq,
+                    attempts = number - 1,
+                    "giving up a request that was interrupted too often"
+                );
+                Err(OpError::new(
+                    ErrorCode::Internal,
+                    format!(
+                        "the worker stopped {} times while running this request and gave it up; check the worker's log and the container's state",
+                        number - 1
+                    ),
+                ))
+            }
+            Ok(number) => match deadline_passed(deadline_ms) {
+                Some(error) => Err(error),
+                None => {
+                    if number > 1 {
+                        tracing::info!(seq, attempt = number, "resuming an interrupted request");
+                    }
+                    self.guarded(request.clone(), Some(Attempt { seq, number }))
+                        .await
+                }
+            },
         };
         let duration = (now_ms() - received_ms).max(0) as u64;
         let header = self.header(&request, duration);
@@ -130,6 +179,18 @@ impl Executor {
             duration_ms,
         }
     }
+}
+
+/// The 504 of a request whose deadline passed before it could run.
+fn deadline_passed(deadline_ms: Option<i64>) -> Option<OpError> {
+    let deadline = deadline_ms?;
+    let late = now_ms() - deadline;
+    (late > 0).then(|| {
+        OpError::new(
+            ErrorCode::DeadlineExceeded,
+            format!("the request's deadline passed {late} ms before its turn came; it was not run"),
+        )
+    })
 }
 
 /// The lanes. Cheap to clone.

@@ -94,9 +94,32 @@ pub struct Settings {
     #[arg(long, env = "ORCHESTRATOR_MAX_PENDING", default_value_t = 10_000)]
     pub max_pending: usize,
 
+    /// Seconds between comparisons of the records with the instances apptainer runs (one also
+    /// runs at start-up); 0 turns the periodic comparison off.
+    #[arg(long, env = "ORCHESTRATOR_RECONCILE_INTERVAL", default_value_t = 60)]
+    pub reconcile_interval_secs: u64,
+
+    /// What to do with a container whose instance died outside the orchestrator: `restart` it
+    /// (as the earlier server did at start-up), or `none` (only record it as stopped).
+    #[arg(long, env = "ORCHESTRATOR_RESTORE_POLICY", value_enum, default_value_t = RestorePolicy::Restart)]
+    pub restore_policy: RestorePolicy,
+
+    /// How many times a request may be interrupted (the worker dying while running it, or its
+    /// delivery coming back unprocessed) before it is given up: answered with an error, and a
+    /// delivery moved to the dead-letter queue `<queue>.dead`.
+    #[arg(long, env = "ORCHESTRATOR_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+
     /// How long a finished request's reply is kept to answer a redelivered duplicate, in hours.
     #[arg(long, env = "ORCHESTRATOR_DEDUPE_HOURS", default_value_t = 24)]
     pub dedupe_hours: u64,
+}
+
+/// See [`Settings::restore_policy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RestorePolicy {
+    Restart,
+    None,
 }
 
 impl Settings {
@@ -135,6 +158,11 @@ impl Settings {
 
     pub fn command_timeout(&self) -> Duration {
         Duration::from_secs(self.command_timeout_secs)
+    }
+
+    /// The queue deliveries that keep coming back unprocessed are moved to.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.queue)
     }
 
     pub fn drain_timeout(&self) -> Duration {

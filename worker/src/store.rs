@@ -14,7 +14,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts the ones applied. Never
 /// edit one that has shipped: add the next.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE containers (
         name        TEXT PRIMARY KEY,
         image       TEXT NOT NULL,
@@ -70,7 +71,23 @@ const MIGRATIONS: &[&str] = &[r#"
         correlation_id TEXT,
         body           TEXT NOT NULL
     );
-"#];
+"#,
+    r#"
+    -- When a request must have run by (unix ms); past it, it is answered 504 and not run.
+    ALTER TABLE requests ADD COLUMN deadline_ms INTEGER;
+
+    -- How often a delivery came back redelivered, by message identity: a delivery that keeps
+    -- coming back (the worker dies on it) is moved to the dead-letter queue.
+    CREATE TABLE redeliveries (
+        key        TEXT PRIMARY KEY,
+        count      INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    -- Written to check that the database accepts writes again after a failure.
+    CREATE TABLE write_probe (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);
+"#,
+];
 
 /// Errors of the store. All of them mean "the state could not be read or recorded"; callers
 /// must not acknowledge work they could not record.
@@ -151,6 +168,7 @@ pub struct UnfinishedRequest {
     pub attempts: u32,
     pub intent: Option<String>,
     pub received_ms: i64,
+    pub deadline_ms: Option<i64>,
 }
 
 /// One reply waiting in the outbox.
@@ -204,6 +222,7 @@ impl Store {
         key: String,
         lane: String,
         body: String,
+        deadline_ms: Option<i64>,
         target: ReplyTarget,
     ) -> StoreResult<Accepted> {
         self.with(move |conn| {
@@ -227,9 +246,10 @@ impl Store {
                 }
                 None => {
                     tx.execute(
-                        "INSERT INTO requests (idempotency_key, lane, body, state, received_ms)
-                         VALUES (?1, ?2, ?3, 'pending', ?4)",
-                        params![key, lane, body, now_ms()],
+                        "INSERT INTO requests
+                         (idempotency_key, lane, body, state, received_ms, deadline_ms)
+                         VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
+                        params![key, lane, body, now_ms(), deadline_ms],
                     )?;
                     let seq = tx.last_insert_rowid();
                     insert_waiter(&tx, seq, &target)?;
@@ -312,7 +332,7 @@ impl Store {
     pub async fn unfinished(&self) -> StoreResult<Vec<UnfinishedRequest>> {
         self.with(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT seq, lane, body, attempts, intent, received_ms FROM requests
+                "SELECT seq, lane, body, attempts, intent, received_ms, deadline_ms FROM requests
                  WHERE state != 'done' ORDER BY seq",
             )?;
             let rows = stmt.query_map([], |row| {
@@ -323,6 +343,7 @@ impl Store {
                     attempts: row.get(3)?,
                     intent: row.get(4)?,
                     received_ms: row.get(5)?,
+                    deadline_ms: row.get(6)?,
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -342,13 +363,77 @@ impl Store {
         .await
     }
 
-    /// Forgets finished requests older than `age_ms`: duplicates arriving later run again.
+    /// Forgets finished requests (and redelivery counts) older than `age_ms`: duplicates
+    /// arriving later run again.
     pub async fn prune_finished(&self, age_ms: i64) -> StoreResult<usize> {
         self.with(move |conn| {
+            let cutoff = now_ms() - age_ms;
+            conn.execute("DELETE FROM redeliveries WHERE updated_ms < ?1", [cutoff])?;
             Ok(conn.execute(
                 "DELETE FROM requests WHERE state = 'done' AND finished_ms < ?1",
-                [now_ms() - age_ms],
+                [cutoff],
             )?)
+        })
+        .await
+    }
+
+    /// Counts one more redelivery of the message identified by `key`; returns the count.
+    pub async fn count_redelivery(&self, key: String) -> StoreResult<u32> {
+        self.with(move |conn| {
+            Ok(conn.query_row(
+                "INSERT INTO redeliveries (key, count, updated_ms) VALUES (?1, 1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET count = count + 1, updated_ms = ?2
+                 RETURNING count",
+                params![key, now_ms()],
+                |row| row.get(0),
+            )?)
+        })
+        .await
+    }
+
+    /// Writes and commits a row: succeeds only when the database accepts writes.
+    pub async fn probe_writable(&self) -> StoreResult<()> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO write_probe (id, at_ms) VALUES (1, ?1)",
+                [now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records a container's state outside any request (the reconciler's findings).
+    pub async fn put_container(&self, row: ContainerRow) -> StoreResult<()> {
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            apply_change(&tx, &Change::Put(row))?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Names of the containers recorded as running.
+    pub async fn active_container_names(&self) -> StoreResult<Vec<String>> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT name FROM containers WHERE active = 1")?;
+            let rows = stmt.query_map([], |row| row.get(0))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Whether a container of that name is registered.
+    pub async fn is_registered(&self, name: &str) -> StoreResult<bool> {
+        let name = name.to_owned();
+        self.with(move |conn| {
+            Ok(conn
+                .query_row("SELECT 1 FROM containers WHERE name = ?1", [name], |_| {
+                    Ok(())
+                })
+                .optional()?
+                .is_some())
         })
         .await
     }
@@ -601,14 +686,14 @@ mod tests {
     async fn a_duplicate_waits_for_the_same_reply_and_a_late_one_gets_it_again() {
         let (_dir, store) = open().await;
         let first = store
-            .accept("k".into(), "nb1".into(), "{}".into(), target("c1"))
+            .accept("k".into(), "nb1".into(), "{}".into(), None, target("c1"))
             .await
             .unwrap();
         let Accepted::New { seq } = first else {
             panic!("first delivery must be new, got {first:?}")
         };
         let second = store
-            .accept("k".into(), "nb1".into(), "{}".into(), target("c2"))
+            .accept("k".into(), "nb1".into(), "{}".into(), None, target("c2"))
             .await
             .unwrap();
         assert_eq!(second, Accepted::AlreadyQueued { seq });
@@ -620,7 +705,7 @@ mod tests {
             .await
             .unwrap();
         let third = store
-            .accept("k".into(), "nb1".into(), "{}".into(), target("c3"))
+            .accept("k".into(), "nb1".into(), "{}".into(), None, target("c3"))
             .await
             .unwrap();
         assert_eq!(third, Accepted::AlreadyAnswered { seq });
@@ -642,7 +727,7 @@ mod tests {
         let (_dir, store) = open().await;
         for key in ["a", "b", "c"] {
             store
-                .accept(key.into(), "nb1".into(), key.into(), target(key))
+                .accept(key.into(), "nb1".into(), key.into(), None, target(key))
                 .await
                 .unwrap();
         }

@@ -19,6 +19,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use schemas::{ErrorCode, Op, Request};
 use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::outbox::Publisher;
@@ -36,7 +37,103 @@ pub struct Intake {
     pub tracker: TaskTracker,
     pub node: String,
     pub default_reply_queue: String,
+    /// Where deliveries that keep coming back unprocessed are moved.
+    pub dead_letter_queue: String,
     pub max_body_bytes: usize,
+    /// A delivery redelivered more often than this goes to the dead-letter queue.
+    pub max_attempts: u32,
+    /// Cancelled at shutdown: a wait for the store gives up, leaving the delivery to the broker.
+    pub stop: CancellationToken,
+}
+
+/// What the intake reads from a delivery's properties.
+struct Envelope {
+    target: ReplyTarget,
+    /// The idempotency key: `message_id`, else `correlation_id`.
+    idempotency_key: Option<String>,
+    /// What identifies the message across redeliveries.
+    identity: String,
+    /// When the request must have run by (unix ms), or why the deadline cannot be read.
+    deadline_ms: Result<Option<i64>, String>,
+}
+
+impl Envelope {
+    fn read(delivery: &Delivery, default_reply_queue: &str) -> Self {
+        let properties = &delivery.properties;
+        let target = ReplyTarget {
+            reply_to: properties
+                .reply_to()
+                .as_ref()
+                .map(|q| q.as_str().to_owned())
+                .filter(|q| !q.is_empty())
+                .unwrap_or_else(|| default_reply_queue.to_owned()),
+            correlation_id: properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str().to_owned()),
+        };
+        let idempotency_key = properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_owned())
+            .or_else(|| target.correlation_id.clone());
+        let identity = idempotency_key.clone().unwrap_or_else(|| {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::hash::DefaultHasher::new();
+            delivery.data.hash(&mut hasher);
+            format!("body-{:016x}", hasher.finish())
+        });
+        Self {
+            target,
+            idempotency_key,
+            identity,
+            deadline_ms: deadline_ms(properties),
+        }
+    }
+}
+
+/// The request's deadline: the AMQP `expiration` counted from its `timestamp` (or from now, when
+/// it has none), and the `x-deadline` header (RFC 3339); the earlier of the two.
+fn deadline_ms(properties: &lapin::BasicProperties) -> Result<Option<i64>, String> {
+    let now = crate::store::now_ms();
+    let mut deadline: Option<i64> = None;
+    if let Some(expiration) = properties.expiration() {
+        let ttl: i64 = expiration.as_str().parse().map_err(|_| {
+            format!(
+                "the expiration property {:?} is not a number of milliseconds",
+                expiration.as_str()
+            )
+        })?;
+        let sent = properties
+            .timestamp()
+            .map(|seconds| seconds as i64 * 1000)
+            .unwrap_or(now);
+        deadline = Some(sent + ttl);
+    }
+    let header = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-deadline").cloned());
+    if let Some(value) = header {
+        let text = match value {
+            lapin::types::AMQPValue::LongString(s) => s.to_string(),
+            lapin::types::AMQPValue::ShortString(s) => s.as_str().to_owned(),
+            other => {
+                return Err(format!(
+                    "the x-deadline header must be an RFC 3339 time string, not {other:?}"
+                ))
+            }
+        };
+        let at = humantime::parse_rfc3339_weak(&text)
+            .or_else(|_| humantime::parse_rfc3339(&text))
+            .map_err(|e| format!("the x-deadline header {text:?} is not an RFC 3339 time: {e}"))?;
+        let at_ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        deadline = Some(deadline.map_or(at_ms, |d| d.min(at_ms)));
+    }
+    Ok(deadline)
 }
 
 /// A delivery, decoded and checked.
@@ -52,53 +149,148 @@ enum Decoded {
 
 impl Intake {
     /// Handles one delivery. Errors are logged here; the delivery is then either acknowledged
-    /// (its outcome is safe) or returned to the broker.
+    /// (its outcome is safe) or left to the broker.
     pub async fn handle(&self, delivery: Delivery) {
         let received = Instant::now();
-        let properties = &delivery.properties;
-        let target = ReplyTarget {
-            reply_to: properties
-                .reply_to()
-                .as_ref()
-                .map(|q| q.as_str().to_owned())
-                .filter(|q| !q.is_empty())
-                .unwrap_or_else(|| self.default_reply_queue.clone()),
-            correlation_id: properties
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.as_str().to_owned()),
+        let envelope = Envelope::read(&delivery, &self.default_reply_queue);
+        if delivery.redelivered {
+            let key = envelope.identity.clone();
+            let Some(count) = self
+                .until_stored(|| self.store.count_redelivery(key.clone()))
+                .await
+            else {
+                return;
+            };
+            // `count` redeliveries: this is delivery number count + 1.
+            if count >= self.max_attempts {
+                self.dead_letter(delivery, envelope, count, received).await;
+                return;
+            }
+        }
+        let decoded = match &envelope.deadline_ms {
+            Err(message) => Decoded::Invalid {
+                code: ErrorCode::BadRequest,
+                message: message.clone(),
+                op: None,
+                container_name: None,
+            },
+            Ok(_) => self.decode(&delivery.data),
         };
-        let idempotency_key = properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.as_str().to_owned())
-            .or_else(|| target.correlation_id.clone());
-
-        match self.decode(&delivery.data) {
+        match decoded {
             Decoded::Invalid {
                 code,
                 message,
                 op,
                 container_name,
             } => {
-                tracing::info!(correlation_id = ?target.correlation_id, %message, "invalid request refused");
+                tracing::info!(correlation_id = ?envelope.target.correlation_id, %message, "invalid request refused");
                 let header = ReplyHeader {
                     node: self.node.clone(),
                     op,
                     container_name,
                     duration_ms: received.elapsed().as_millis() as u64,
                 };
-                let reply = header.error(target.correlation_id.as_deref(), code, &message);
-                self.reply_then_ack(delivery, target, to_body(&reply)).await;
+                let reply = header.error(envelope.target.correlation_id.as_deref(), code, &message);
+                publish_then_ack(&self.publisher, delivery, envelope.target, to_body(&reply)).await;
             }
             Decoded::Valid(request) if request.op().is_read() => {
-                self.accept_read(delivery, request, target, received).await
-            }
-            Decoded::Valid(request) => {
-                self.accept_write(delivery, request, target, idempotency_key)
+                self.accept_read(delivery, request, envelope, received)
                     .await
             }
+            Decoded::Valid(request) => self.accept_write(delivery, request, envelope).await,
         }
+    }
+
+    /// Runs a store call until it succeeds. While the store refuses writes (disk full, read-only
+    /// file), the delivery in hand stays unacknowledged and no further delivery is taken: the
+    /// broker keeps them. `None` when shutdown came first.
+    async fn until_stored<T, F, Fut>(&self, mut call: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = crate::store::StoreResult<T>>,
+    {
+        let mut delays = backon::BackoffBuilder::build(crate::outbox::reconnect_backoff());
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            match call().await {
+                Ok(value) => {
+                    if let Some(since) = failing_since {
+                        tracing::info!(after = ?since.elapsed(), "the state database accepts writes again; taking deliveries");
+                    }
+                    return Some(value);
+                }
+                Err(e) => {
+                    if failing_since.is_none() {
+                        tracing::error!(error = %e, "the state database refuses writes; deliveries stay in RabbitMQ until it accepts them again (is the disk full or the file read-only?)");
+                        failing_since = Some(Instant::now());
+                    }
+                    let delay = delays.next().unwrap_or(std::time::Duration::from_secs(30));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.stop.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves a delivery that keeps coming back to the dead-letter queue, answers its requester,
+    /// and acknowledges it.
+    async fn dead_letter(
+        &self,
+        delivery: Delivery,
+        envelope: Envelope,
+        count: u32,
+        received: Instant,
+    ) {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-orchestrator-deliveries".into(),
+            lapin::types::AMQPValue::LongUInt(count),
+        );
+        headers.insert(
+            "x-orchestrator-reason".into(),
+            lapin::types::AMQPValue::LongString(
+                format!("delivered {count} times without being processed").into(),
+            ),
+        );
+        let properties = delivery.properties.clone().with_headers(headers);
+        if let Err(e) = self
+            .publisher
+            .publish_to(&self.dead_letter_queue, &delivery.data, properties)
+            .await
+        {
+            tracing::warn!(error = %e, "could not move a delivery to the dead-letter queue; it goes back to the broker");
+            requeue(delivery).await;
+            return;
+        }
+        tracing::error!(identity = %envelope.identity, count, queue = %self.dead_letter_queue,
+            "a delivery kept coming back unprocessed; moved it to the dead-letter queue");
+        let loose: Option<serde_json::Value> = serde_json::from_slice(&delivery.data).ok();
+        let field = |name: &str| {
+            loose
+                .as_ref()
+                .and_then(|v| v.get(name))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        let header = ReplyHeader {
+            node: self.node.clone(),
+            op: field("op")
+                .and_then(|op| serde_json::from_value(serde_json::Value::String(op)).ok()),
+            container_name: field("container_name")
+                .filter(|n| schemas::ContainerName::parse(n).is_ok()),
+            duration_ms: received.elapsed().as_millis() as u64,
+        };
+        let reply = header.error(
+            envelope.target.correlation_id.as_deref(),
+            ErrorCode::Internal,
+            &format!(
+                "the request was delivered {count} times without being processed and was moved to the dead-letter queue {}; check the worker's log",
+                self.dead_letter_queue
+            ),
+        );
+        publish_then_ack(&self.publisher, delivery, envelope.target, to_body(&reply)).await;
     }
 
     fn decode(&self, body: &[u8]) -> Decoded {
@@ -160,9 +352,10 @@ impl Intake {
         &self,
         delivery: Delivery,
         request: Request,
-        target: ReplyTarget,
+        envelope: Envelope,
         received: Instant,
     ) {
+        let target = envelope.target;
         let permit = Arc::clone(&self.pending)
             .acquire_owned()
             .await
@@ -170,9 +363,10 @@ impl Intake {
         let (reply_tx, reply_rx) = oneshot::channel();
         let lane = lane_of(&request);
         let job = Job {
-            request,
             kind: JobKind::Read {
+                request,
                 received,
+                deadline_ms: envelope.deadline_ms.ok().flatten(),
                 correlation_id: target.correlation_id.clone(),
                 reply: reply_tx,
             },
@@ -189,27 +383,33 @@ impl Intake {
         });
     }
 
-    async fn accept_write(
-        &self,
-        delivery: Delivery,
-        request: Request,
-        target: ReplyTarget,
-        idempotency_key: Option<String>,
-    ) {
+    async fn accept_write(&self, delivery: Delivery, request: Request, envelope: Envelope) {
         let permit = Arc::clone(&self.pending)
             .acquire_owned()
             .await
             .expect("the pending semaphore is never closed");
         let lane = lane_of(&request);
         let body = serde_json::to_string(&request).expect("a request always serialises");
-        let key = idempotency_key.unwrap_or_else(|| format!("anonymous-{}", uuid::Uuid::new_v4()));
+        let key = envelope
+            .idempotency_key
+            .unwrap_or_else(|| format!("anonymous-{}", uuid::Uuid::new_v4()));
+        let deadline_ms = envelope.deadline_ms.ok().flatten();
+        let target = envelope.target;
         let accepted = self
-            .store
-            .accept(key.clone(), lane.clone(), body, target)
+            .until_stored(|| {
+                self.store.accept(
+                    key.clone(),
+                    lane.clone(),
+                    body.clone(),
+                    deadline_ms,
+                    target.clone(),
+                )
+            })
             .await;
         let seq = match accepted {
-            Ok(Accepted::New { seq }) => seq,
-            Ok(Accepted::AlreadyQueued { seq }) => {
+            None => return,
+            Some(Accepted::New { seq }) => seq,
+            Some(Accepted::AlreadyQueued { seq }) => {
                 tracing::info!(
                     seq,
                     key,
@@ -218,7 +418,7 @@ impl Intake {
                 ack(delivery).await;
                 return;
             }
-            Ok(Accepted::AlreadyAnswered { seq }) => {
+            Some(Accepted::AlreadyAnswered { seq }) => {
                 tracing::info!(
                     seq,
                     key,
@@ -228,26 +428,18 @@ impl Intake {
                 self.outbox_wake.notify_one();
                 return;
             }
-            Err(e) => {
-                tracing::error!(error = %e, "could not record a request; it goes back to the broker");
-                requeue(delivery).await;
-                // Give the store a moment before the broker hands it back.
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                return;
-            }
         };
         ack(delivery).await;
-        let received_ms = crate::store::now_ms();
         let job = Job {
-            request,
-            kind: JobKind::Write { seq, received_ms },
+            kind: JobKind::Write {
+                request,
+                seq,
+                received_ms: crate::store::now_ms(),
+                deadline_ms,
+            },
             permit: Some(permit),
         };
         self.scheduler.submit(&lane, job);
-    }
-
-    async fn reply_then_ack(&self, delivery: Delivery, target: ReplyTarget, body: String) {
-        publish_then_ack(&self.publisher, delivery, target, body).await
     }
 }
 

@@ -12,6 +12,7 @@ mod deletevolume;
 mod getallcont;
 mod getcont;
 mod restart;
+mod restore;
 mod start;
 mod stop;
 
@@ -21,6 +22,8 @@ use std::sync::Arc;
 use schemas::{ContainerRecord, ErrorCode, Op, ReplyResult, Request};
 
 use crate::runtime::{Bind, Runtime, RuntimeError};
+pub use restore::converge_dead_instance;
+
 use crate::store::{Change, ContainerRow, Store, StoreError};
 
 /// What the operations work with.

@@ -167,6 +167,36 @@ impl Apptainer {
     }
 }
 
+impl Apptainer {
+    /// Runs an `instance list --json` command and reads its output.
+    async fn list(&self, args: &[&str]) -> Result<Vec<InstanceInfo>, RuntimeError> {
+        let output = self
+            .run("instance list", args, self.command_timeout)
+            .await?;
+        if output.code != Some(0) {
+            return Err(output.failed("instance list"));
+        }
+        let list: InstanceList =
+            serde_json::from_str(&output.stdout).map_err(|e| RuntimeError::Unparseable {
+                command: "instance list",
+                reason: format!(
+                    "{e} in {:?}",
+                    output.stdout.chars().take(200).collect::<String>()
+                ),
+            })?;
+        Ok(list
+            .instances
+            .into_iter()
+            .map(|i| InstanceInfo {
+                name: i.instance,
+                pid: i.pid,
+                image: i.img,
+                ip: i.ip,
+            })
+            .collect())
+    }
+}
+
 /// Output of a pipe, read in the background so a full pipe never blocks the child.
 struct Captured {
     buffer: Arc<Mutex<Vec<u8>>>,
@@ -284,33 +314,14 @@ impl Runtime for Apptainer {
         }
     }
 
+    async fn instances(&self) -> Result<Vec<InstanceInfo>, RuntimeError> {
+        self.list(&["instance", "list", "--json"]).await
+    }
+
     async fn instance(&self, name: &str) -> Result<Option<InstanceInfo>, RuntimeError> {
-        let args = ["instance", "list", "--json", name];
-        let output = self
-            .run("instance list", &args, self.command_timeout)
-            .await?;
-        if output.code != Some(0) {
-            return Err(output.failed("instance list"));
-        }
-        let list: InstanceList =
-            serde_json::from_str(&output.stdout).map_err(|e| RuntimeError::Unparseable {
-                command: "instance list",
-                reason: format!(
-                    "{e} in {:?}",
-                    output.stdout.chars().take(200).collect::<String>()
-                ),
-            })?;
         // The argument is a glob; a validated name has no glob characters, but match exactly.
-        Ok(list
-            .instances
-            .into_iter()
-            .find(|i| i.instance == name)
-            .map(|i| InstanceInfo {
-                name: i.instance,
-                pid: i.pid,
-                image: i.img,
-                ip: i.ip,
-            }))
+        let listed = self.list(&["instance", "list", "--json", name]).await?;
+        Ok(listed.into_iter().find(|i| i.name == name))
     }
 
     async fn stop_instance(&self, name: &str) -> Result<Stopped, RuntimeError> {

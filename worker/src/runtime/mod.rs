@@ -83,6 +83,9 @@ pub trait Runtime: Send + Sync + 'static {
         binds: &[Bind],
     ) -> Result<(), RuntimeError>;
 
+    /// Every running instance apptainer lists (for this user, on this host).
+    async fn instances(&self) -> Result<Vec<InstanceInfo>, RuntimeError>;
+
     /// The running instance called exactly `name`, if any.
     async fn instance(&self, name: &str) -> Result<Option<InstanceInfo>, RuntimeError>;
 
