@@ -5,6 +5,7 @@
 
 mod helpers;
 
+mod chaos;
 mod failures;
 mod faults;
 mod invalid_requests;

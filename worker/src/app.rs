@@ -72,14 +72,18 @@ impl Worker {
                 settings.state_db().display()
             )
         })?;
-        let runtime: Arc<dyn Runtime> = Arc::new(Apptainer::new(
-            settings.apptainer.clone(),
-            settings.network.clone(),
-            settings.concurrency as usize,
-            settings.stop_grace_secs,
-            settings.build_timeout(),
-            settings.command_timeout(),
-        ));
+        let runtime: Arc<dyn Runtime> = Arc::new(
+            Apptainer::new(
+                settings.data_dir.join("run/apptainer-calls"),
+                settings.apptainer.clone(),
+                settings.network.clone(),
+                settings.concurrency as usize,
+                settings.stop_grace_secs,
+                settings.build_timeout(),
+                settings.command_timeout(),
+            )
+            .context("could not prepare the record of apptainer calls in the data directory")?,
+        );
         let broker = Broker::new(&settings, &node);
         let publisher = Arc::new(Publisher::new(broker.clone()));
         publisher

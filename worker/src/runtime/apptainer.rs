@@ -16,6 +16,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::sync::Semaphore;
 
+use super::children::{kill_group, ChildRegistry};
 use super::{Bind, InstanceInfo, Runtime, RuntimeError, Stopped};
 
 /// Apptainer variables that only say where apptainer keeps its own files; all other
@@ -39,6 +40,7 @@ pub struct Apptainer {
     command_timeout: Duration,
     permits: Arc<Semaphore>,
     env: Vec<(String, String)>,
+    children: ChildRegistry,
 }
 
 /// The captured result of one call.
@@ -87,14 +89,20 @@ impl Output {
 }
 
 impl Apptainer {
+    /// `children_dir` records the calls in flight; calls an earlier run of the worker left
+    /// running are killed here, before anything can resume.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        children_dir: PathBuf,
         program: PathBuf,
         network: String,
         concurrency: usize,
         stop_grace_secs: u64,
         build_timeout: Duration,
         command_timeout: Duration,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
+        let children = ChildRegistry::new(children_dir)?;
+        children.reap_leftovers();
         let env = std::env::vars()
             .filter(|(key, _)| {
                 let apptainer_specific =
@@ -102,7 +110,7 @@ impl Apptainer {
                 !apptainer_specific || PASSED_APPTAINER_VARIABLES.contains(&key.as_str())
             })
             .collect();
-        Self {
+        Ok(Self {
             program,
             network,
             stop_grace_secs,
@@ -110,7 +118,8 @@ impl Apptainer {
             command_timeout,
             permits: Arc::new(Semaphore::new(concurrency)),
             env,
-        }
+            children,
+        })
     }
 
     /// Runs `apptainer ARGS…`, waiting at most `timeout`.
@@ -141,6 +150,7 @@ impl Apptainer {
                 reason: e.to_string(),
             })?;
         let group = child.id();
+        let _record = group.map(|pid| self.children.record(pid));
         let stdout = capture(child.stdout.take());
         let stderr = capture(child.stderr.take());
         let status = match tokio::time::timeout(timeout, child.wait()).await {
@@ -150,7 +160,9 @@ impl Apptainer {
                 reason: e.to_string(),
             })?,
             Err(_) => {
-                kill_group(group);
+                if let Some(group) = group {
+                    kill_group(group);
+                }
                 return Err(RuntimeError::Timeout {
                     command,
                     after: timeout,
@@ -234,15 +246,6 @@ impl Captured {
         }
         let bytes = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
         String::from_utf8_lossy(&bytes).into_owned()
-    }
-}
-
-fn kill_group(group: Option<u32>) {
-    if let Some(pid) = group.and_then(|pid| i32::try_from(pid).ok()) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
     }
 }
 

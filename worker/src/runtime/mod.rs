@@ -5,6 +5,7 @@
 //! requests, replies or the store.
 
 mod apptainer;
+mod children;
 pub mod definition;
 
 use std::path::Path;
