@@ -10,14 +10,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
 use serde_json::{json, Value};
 
-use crate::helpers::{named, spawn_worker_with, start_request, WorkerOptions, AMQP_URL};
+use crate::helpers::{
+    named, raw_client, spawn_worker_with, start_request, RawClient, WorkerOptions,
+};
 
 const CONTAINERS: usize = 50;
 const REQUESTS: usize = 1000;
@@ -174,37 +173,12 @@ async fn killed_at_random_moments_the_worker_loses_nothing_and_runs_nothing_twic
     }
 
     // Collect every reply that arrives, duplicates included.
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let replies_queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            replies_queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let RawClient {
+        connection: _connection,
+        channel,
+        reply_queue,
+        replies: mut consumer,
+    } = raw_client().await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
@@ -235,7 +209,7 @@ async fn killed_at_random_moments_the_worker_loses_nothing_and_runs_nothing_twic
         }
         let properties = BasicProperties::default()
             .with_correlation_id(correlation.as_str().into())
-            .with_reply_to(replies_queue.name().clone())
+            .with_reply_to(reply_queue.as_str().into())
             .with_delivery_mode(2);
         channel
             .basic_publish(

@@ -6,17 +6,15 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use orchestrator_producer::Publish;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_valid_reply, named, spawn_worker, spawn_worker_with, start_request, TestWorker,
-    WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
+    assert_valid_reply, named, raw_client, spawn_worker, spawn_worker_with, start_request,
+    RawClient, TestWorker, WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
 };
 
 /// Publishes `body` with raw AMQP properties and awaits its reply on a queue of its own.
@@ -25,35 +23,14 @@ async fn call_with_properties(
     body: Value,
     properties: BasicProperties,
 ) -> schemas::Reply {
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let RawClient {
+        connection,
+        channel,
+        reply_queue,
+        mut replies,
+    } = raw_client().await;
     let properties = properties
-        .with_reply_to(queue.name().clone())
+        .with_reply_to(reply_queue.as_str().into())
         .with_correlation_id(uuid::Uuid::new_v4().to_string().into());
     channel
         .basic_publish(
@@ -64,8 +41,10 @@ async fn call_with_properties(
             properties,
         )
         .await
+        .unwrap()
+        .await
         .unwrap();
-    let delivery = tokio::time::timeout(REPLY_TIMEOUT, consumer.next())
+    let delivery = tokio::time::timeout(REPLY_TIMEOUT, replies.next())
         .await
         .expect("a reply")
         .unwrap()

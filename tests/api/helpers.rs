@@ -410,3 +410,53 @@ pub fn start_request(name: &str) -> Value {
 pub fn named(op: &str, name: &str) -> Value {
     serde_json::json!({"op": op, "container_name": name})
 }
+
+/// A raw AMQP client of its own, for tests that set properties the `Client` does not: a
+/// connection, a channel with publisher confirms, and an exclusive queue consumed without acks.
+pub struct RawClient {
+    pub connection: Connection,
+    pub channel: lapin::Channel,
+    pub reply_queue: String,
+    pub replies: lapin::Consumer,
+}
+
+pub async fn raw_client() -> RawClient {
+    use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
+    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let replies = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    RawClient {
+        reply_queue: queue.name().as_str().to_owned(),
+        connection,
+        channel,
+        replies,
+    }
+}
