@@ -105,6 +105,7 @@ impl Worker {
     /// finish (up to the drain timeout), flushes the outbox and closes the connections.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
+        let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
         let outbox_wake = Arc::new(Notify::new());
         let executor = Executor {
@@ -171,6 +172,7 @@ impl Worker {
             max_body_bytes: self.settings.max_body_bytes,
             max_attempts: self.settings.max_attempts,
             stop: stop.clone(),
+            abort: abort.clone(),
         };
         let consuming = consume_until_cancelled(&self.broker, &intake, stop.clone(), &tracker);
         tokio::pin!(consuming);
@@ -179,6 +181,14 @@ impl Worker {
             () = &mut consuming => {}
         }
         stop.cancel();
+        let drain_deadline = {
+            let abort = abort.clone();
+            let limit = self.settings.drain_timeout();
+            tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                abort.cancel();
+            })
+        };
         // The consumer stops taking deliveries but keeps its channel open until running reads
         // are answered and acknowledged.
         consuming.await;
@@ -191,6 +201,8 @@ impl Worker {
                 "operations still running at the drain deadline; they resume at the next start"
             );
         }
+        abort.cancel();
+        drain_deadline.abort();
         pruner.abort();
         if let Some(reconciling) = reconciling {
             let _ = reconciling.await;

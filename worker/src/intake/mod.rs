@@ -15,6 +15,7 @@ pub mod validate;
 use std::sync::Arc;
 use std::time::Instant;
 
+use backon::Retryable;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use schemas::{ErrorCode, Op, Request};
@@ -44,6 +45,9 @@ pub struct Intake {
     pub max_attempts: u32,
     /// Cancelled at shutdown: a wait for the store gives up, leaving the delivery to the broker.
     pub stop: CancellationToken,
+    /// Cancelled when the drain deadline passes: replies still waiting for the broker are given
+    /// up (their deliveries are redelivered to the next run).
+    pub abort: CancellationToken,
 }
 
 /// What the intake reads from a delivery's properties.
@@ -191,7 +195,14 @@ impl Intake {
                     duration_ms: received.elapsed().as_millis() as u64,
                 };
                 let reply = header.error(envelope.target.correlation_id.as_deref(), code, &message);
-                publish_then_ack(&self.publisher, delivery, envelope.target, to_body(&reply)).await;
+                publish_then_ack(
+                    &self.publisher,
+                    &self.abort,
+                    delivery,
+                    envelope.target,
+                    to_body(&reply),
+                )
+                .await;
             }
             Decoded::Valid(request) if request.op().is_read() => {
                 self.accept_read(delivery, request, envelope, received)
@@ -290,7 +301,14 @@ impl Intake {
                 self.dead_letter_queue
             ),
         );
-        publish_then_ack(&self.publisher, delivery, envelope.target, to_body(&reply)).await;
+        publish_then_ack(
+            &self.publisher,
+            &self.stop,
+            delivery,
+            envelope.target,
+            to_body(&reply),
+        )
+        .await;
     }
 
     fn decode(&self, body: &[u8]) -> Decoded {
@@ -374,11 +392,12 @@ impl Intake {
         };
         self.scheduler.submit(&lane, job);
         let publisher = Arc::clone(&self.publisher);
+        let abort = self.abort.clone();
         self.tracker.spawn(async move {
             // No reply means shutdown dropped the job; the broker redelivers it once the
             // channel closes.
             if let Ok(reply) = reply_rx.await {
-                publish_then_ack(&publisher, delivery, target, to_body(&reply)).await
+                publish_then_ack(&publisher, &abort, delivery, target, to_body(&reply)).await
             }
         });
     }
@@ -478,18 +497,29 @@ pub fn lane_of(request: &Request) -> String {
         .unwrap_or_else(|| GLOBAL_LANE.to_owned())
 }
 
+/// Publishes a reply that is not in the outbox (a read's, or a refusal's), retrying with backoff
+/// while the broker is away, and acknowledges the delivery once the reply is confirmed. When
+/// `abort` fires first, the delivery is left unacknowledged: the broker redelivers it.
 async fn publish_then_ack(
     publisher: &Publisher,
+    abort: &CancellationToken,
     delivery: Delivery,
     target: ReplyTarget,
     body: String,
 ) {
-    match publisher.publish_all(&[(target, body)]).await {
-        Ok(_) => ack(delivery).await,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not publish a reply; the request goes back to the broker");
-            requeue(delivery).await;
-        }
+    let replies = [(target, body)];
+    let publish = (|| publisher.publish_all(&replies))
+        .retry(crate::outbox::reconnect_backoff())
+        .notify(|e, after| tracing::warn!(error = %e, retry_in = ?after, "a reply waits for the broker"));
+    tokio::select! {
+        result = publish => match result {
+            Ok(_) => ack(delivery).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not publish a reply; the request goes back to the broker");
+                requeue(delivery).await;
+            }
+        },
+        _ = abort.cancelled() => {}
     }
 }
 
