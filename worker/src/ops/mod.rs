@@ -283,3 +283,6 @@ fn instance_binds(
     }
     Ok(all)
 }
+
+#[cfg(test)]
+mod tests;
