@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ops::{self, Attempt, OpContext, OpError, Outcome};
+use crate::progress::Watcher;
 use crate::reply::{to_body, ReplyHeader};
-use crate::store::{now_ms, Change};
+use crate::store::{now_ms, Change, ReplyTarget};
 
 /// Lane of requests that name no container (`getallcont`); no container name can be this.
 pub const GLOBAL_LANE: &str = "*";
@@ -28,6 +29,9 @@ pub struct Job {
     pub kind: JobKind,
     /// Held until the job is done; bounds the work accepted but not finished.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// Where progress envelopes go, when the requester asked for them (writes only: a read
+    /// has no stage after `queued`, which the intake sends).
+    pub progress: Option<ReplyTarget>,
 }
 
 pub enum JobKind {
@@ -55,9 +59,20 @@ impl Executor {
             request,
             kind,
             permit: _permit,
+            progress,
         } = job;
         match kind {
-            JobKind::Write { seq, received_ms } => self.run_write(seq, received_ms, request).await,
+            JobKind::Write { seq, received_ms } => {
+                if let Some(target) = progress {
+                    let watcher = Watcher {
+                        target,
+                        header: self.header(&request, 0),
+                        received_ms,
+                    };
+                    self.ctx.progress.watch(seq, watcher);
+                }
+                self.run_write(seq, received_ms, request).await
+            }
             JobKind::Read {
                 received,
                 correlation_id,
@@ -82,6 +97,7 @@ impl Executor {
             }
             Err(e) => Err(OpError::from(e)),
         };
+        self.ctx.progress.unwatch(seq);
         let duration = (now_ms() - received_ms).max(0) as u64;
         let header = self.header(&request, duration);
         let change = outcome
@@ -173,6 +189,15 @@ impl Scheduler {
             let lane = lane.to_owned();
             self.tracker.spawn(async move { this.drive(lane).await });
         }
+    }
+
+    /// How many requests are ahead of one submitted to `lane` now: those waiting in it, plus
+    /// the one running (0: the lane is idle and the request runs at once).
+    pub fn position(&self, lane: &str) -> u32 {
+        let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        lanes.get(lane).map_or(0, |queue| {
+            u32::try_from(queue.len() + 1).unwrap_or(u32::MAX)
+        })
     }
 
     /// How many lanes have work, and the longest queue.

@@ -17,19 +17,22 @@ use std::time::Instant;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use schemas::{ErrorCode, Op, Request};
+use lapin::types::{AMQPValue, FieldTable};
+use schemas::{ErrorCode, Op, Request, Stage, PROGRESS_HEADER};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::outbox::Publisher;
+use crate::progress::{Progress, Watcher};
 use crate::reply::{to_body, ReplyHeader};
 use crate::scheduler::{Job, JobKind, Scheduler, GLOBAL_LANE};
-use crate::store::{Accepted, ReplyTarget, Store};
+use crate::store::{now_ms, Accepted, ReplyTarget, Store};
 
 pub struct Intake {
     pub store: Store,
     pub scheduler: Scheduler,
     pub publisher: Arc<Publisher>,
+    pub progress: Arc<Progress>,
     pub outbox_wake: Arc<Notify>,
     /// Permits for requests accepted but not finished.
     pub pending: Arc<Semaphore>,
@@ -68,6 +71,7 @@ impl Intake {
                 .as_ref()
                 .map(|c| c.as_str().to_owned()),
         };
+        let progress = wants_progress(properties.headers().as_ref()).then(|| target.clone());
         let idempotency_key = properties
             .message_id()
             .as_ref()
@@ -92,10 +96,11 @@ impl Intake {
                 self.reply_then_ack(delivery, target, to_body(&reply)).await;
             }
             Decoded::Valid(request) if request.op().is_read() => {
-                self.accept_read(delivery, request, target, received).await
+                self.accept_read(delivery, request, target, received, progress.is_some())
+                    .await
             }
             Decoded::Valid(request) => {
-                self.accept_write(delivery, request, target, idempotency_key)
+                self.accept_write(delivery, request, target, idempotency_key, progress)
                     .await
             }
         }
@@ -162,6 +167,7 @@ impl Intake {
         request: Request,
         target: ReplyTarget,
         received: Instant,
+        wants_progress: bool,
     ) {
         let permit = Arc::clone(&self.pending)
             .acquire_owned()
@@ -169,6 +175,11 @@ impl Intake {
             .expect("the pending semaphore is never closed");
         let (reply_tx, reply_rx) = oneshot::channel();
         let lane = lane_of(&request);
+        if wants_progress {
+            let received_ms = now_ms() - received.elapsed().as_millis() as i64;
+            self.report_queued(&request, &lane, target.clone(), received_ms)
+                .await;
+        }
         let job = Job {
             request,
             kind: JobKind::Read {
@@ -177,6 +188,7 @@ impl Intake {
                 reply: reply_tx,
             },
             permit: Some(permit),
+            progress: None,
         };
         self.scheduler.submit(&lane, job);
         let publisher = Arc::clone(&self.publisher);
@@ -195,6 +207,7 @@ impl Intake {
         request: Request,
         target: ReplyTarget,
         idempotency_key: Option<String>,
+        progress: Option<ReplyTarget>,
     ) {
         let permit = Arc::clone(&self.pending)
             .acquire_owned()
@@ -237,13 +250,43 @@ impl Intake {
             }
         };
         ack(delivery).await;
-        let received_ms = crate::store::now_ms();
+        let received_ms = now_ms();
+        if let Some(target) = &progress {
+            self.report_queued(&request, &lane, target.clone(), received_ms)
+                .await;
+        }
         let job = Job {
             request,
             kind: JobKind::Write { seq, received_ms },
             permit: Some(permit),
+            progress,
         };
         self.scheduler.submit(&lane, job);
+    }
+
+    /// Tells a requester that asked for progress where its request waits. Sent (and confirmed)
+    /// before the job is submitted, so it precedes every later envelope of the request.
+    async fn report_queued(
+        &self,
+        request: &Request,
+        lane: &str,
+        target: ReplyTarget,
+        received_ms: i64,
+    ) {
+        let watcher = Watcher {
+            target,
+            header: ReplyHeader {
+                node: self.node.clone(),
+                op: Some(request.op()),
+                container_name: request.container_name().map(|n| n.to_string()),
+                duration_ms: 0,
+            },
+            received_ms,
+        };
+        let position = self.scheduler.position(lane);
+        self.progress
+            .send(&watcher, Stage::Queued, Some(position))
+            .await;
     }
 
     async fn reply_then_ack(&self, delivery: Delivery, target: ReplyTarget, body: String) {
@@ -275,6 +318,20 @@ fn explain_field_error(body: &serde_json::Value) -> Option<String> {
             first_error::<schemas::VolumeRequest>(fields)
         }
         _ => None,
+    }
+}
+
+/// Whether the delivery asked for progress envelopes: header `x-progress` set to boolean
+/// `true` (or, for clients that can only send strings, `"true"`).
+fn wants_progress(headers: Option<&FieldTable>) -> bool {
+    let Some(value) = headers.and_then(|h| h.inner().get(PROGRESS_HEADER)) else {
+        return false;
+    };
+    match value {
+        AMQPValue::Boolean(flag) => *flag,
+        AMQPValue::LongString(text) => text.as_bytes().eq_ignore_ascii_case(b"true"),
+        AMQPValue::ShortString(text) => text.as_str().eq_ignore_ascii_case("true"),
+        _ => false,
     }
 }
 
