@@ -5,8 +5,10 @@
 
 mod helpers;
 
+mod cli;
 mod failures;
 mod invalid_requests;
 mod lifecycle;
 mod ordering;
+mod progress;
 mod recovery;

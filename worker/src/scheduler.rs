@@ -148,10 +148,17 @@ impl Executor {
     }
 }
 
+/// One container's requests: those waiting, and whether one of its jobs is running.
+#[derive(Default)]
+struct Lane {
+    waiting: VecDeque<Job>,
+    running: bool,
+}
+
 /// The lanes. Cheap to clone.
 #[derive(Clone)]
 pub struct Scheduler {
-    lanes: Arc<Mutex<HashMap<String, VecDeque<Job>>>>,
+    lanes: Arc<Mutex<HashMap<String, Lane>>>,
     executor: Arc<Executor>,
     tracker: TaskTracker,
     /// Once cancelled, lanes start no new job; queued writes stay in the inbox for the next
@@ -175,11 +182,15 @@ impl Scheduler {
             let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
             match lanes.get_mut(lane) {
                 Some(queue) => {
-                    queue.push_back(job);
+                    queue.waiting.push_back(job);
                     false
                 }
                 None => {
-                    lanes.insert(lane.to_owned(), VecDeque::from([job]));
+                    let queue = Lane {
+                        waiting: VecDeque::from([job]),
+                        running: false,
+                    };
+                    lanes.insert(lane.to_owned(), queue);
                     true
                 }
             }
@@ -196,14 +207,14 @@ impl Scheduler {
     pub fn position(&self, lane: &str) -> u32 {
         let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
         lanes.get(lane).map_or(0, |queue| {
-            u32::try_from(queue.len() + 1).unwrap_or(u32::MAX)
+            u32::try_from(queue.waiting.len() + usize::from(queue.running)).unwrap_or(u32::MAX)
         })
     }
 
     /// How many lanes have work, and the longest queue.
     pub fn depth(&self) -> (usize, usize) {
         let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        let longest = lanes.values().map(VecDeque::len).max().unwrap_or(0);
+        let longest = lanes.values().map(|l| l.waiting.len()).max().unwrap_or(0);
         (lanes.len(), longest)
     }
 
@@ -218,8 +229,9 @@ impl Scheduler {
                 let next = if self.stopping.is_cancelled() {
                     None
                 } else {
-                    queue.pop_front()
+                    queue.waiting.pop_front()
                 };
+                queue.running = next.is_some();
                 if next.is_none() {
                     lanes.remove(&lane);
                 }
