@@ -6,6 +6,7 @@
 mod helpers;
 
 mod cli;
+mod compose;
 mod failures;
 mod invalid_requests;
 mod lifecycle;
