@@ -374,3 +374,30 @@ async fn requeue(delivery: Delivery) {
         tracing::warn!(error = %e, "could not return a delivery to the broker");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    use super::wants_progress;
+
+    fn headers(value: AMQPValue) -> FieldTable {
+        let mut table = FieldTable::default();
+        table.insert(schemas::PROGRESS_HEADER.into(), value);
+        table
+    }
+
+    #[test]
+    fn progress_is_sent_only_to_requests_that_ask_for_it() {
+        assert!(wants_progress(Some(&headers(AMQPValue::Boolean(true)))));
+        assert!(wants_progress(Some(&headers(AMQPValue::LongString(
+            LongString::from("true")
+        )))));
+        assert!(!wants_progress(Some(&headers(AMQPValue::Boolean(false)))));
+        assert!(!wants_progress(Some(&headers(AMQPValue::LongString(
+            LongString::from("yes")
+        )))));
+        assert!(!wants_progress(Some(&FieldTable::default())));
+        assert!(!wants_progress(None));
+    }
+}
