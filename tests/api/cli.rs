@@ -156,7 +156,7 @@ async fn a_person_takes_a_container_through_its_whole_life_with_the_command_line
         lines[1].starts_with("nb1") && lines[1].contains("running"),
         "{table}"
     );
-    assert!(table.contains("1 containers in all"), "{table}");
+    assert!(table.contains("1 container in all"), "{table}");
 
     let bound = run(
         &worker,

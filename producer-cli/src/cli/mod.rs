@@ -127,7 +127,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         .send(&body, options)
         .await
         .map_err(|e| unavailable(&common, e))?;
-    let mut display = progress::Display::new(std::io::stderr().is_terminal());
+    let mut display = progress::Display::new(wants_progress && std::io::stderr().is_terminal());
     let waited = pending
         .wait_with_progress(timeout, |event| display.show(event))
         .await;
@@ -166,18 +166,23 @@ fn print_reply(common: &Common, envelope: &Envelope) -> Exit {
 /// Reads the body of `orchestrator send`: it must be a JSON object; the worker judges the rest.
 fn raw_request(file: &std::path::Path) -> Result<(Vec<u8>, Option<Op>), Failure> {
     let mut body = Vec::new();
-    let read = if file.as_os_str() == "-" {
+    let stdin = file.as_os_str() == "-";
+    let source = if stdin {
+        "standard input".to_owned()
+    } else {
+        file.display().to_string()
+    };
+    let read = if stdin {
         std::io::stdin().read_to_end(&mut body).map(drop)
     } else {
         std::fs::read(file).map(|bytes| body = bytes)
     };
-    read.map_err(|e| Failure::invalid(format!("could not read {}: {e}", file.display())))?;
+    read.map_err(|e| Failure::invalid(format!("could not read {source}: {e}")))?;
     let value: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| Failure::invalid(format!("{} is not valid JSON: {e}", file.display())))?;
+        .map_err(|e| Failure::invalid(format!("{source} is not valid JSON: {e}")))?;
     if !value.is_object() {
         return Err(Failure::invalid(format!(
-            "{} must hold one JSON object, the request",
-            file.display()
+            "{source} must hold one JSON object, the request"
         )));
     }
     let op = value

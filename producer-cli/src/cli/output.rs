@@ -108,9 +108,14 @@ fn table(page: &ContainerPage) -> String {
             data.container_name, data.container_image, data.container_name
         );
     }
+    let noun = if page.total == 1 {
+        "container"
+    } else {
+        "containers"
+    };
     let _ = writeln!(
         text,
-        "page {} ({} per page), {} containers in all",
+        "page {} ({} per page), {} {noun} in all",
         page.page, page.page_size, page.total
     );
     text
