@@ -4,6 +4,12 @@
 //! the broker) and a task that routes each reply to the call awaiting its correlation id, so
 //! many calls can be in flight at once. Requests are published persistent, `mandatory` and
 //! confirmed: a request queue that does not exist is reported, not silently dropped.
+//!
+//! A call that asks for progress ([`Publish::progress`]) also receives the request's
+//! `"final": false` envelopes, in order, before its final reply. The [`cli`] module is the
+//! `orchestrator` command line, built on this client.
+
+pub mod cli;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,12 +17,13 @@ use std::time::Duration;
 
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use schemas::{Reply, Request};
-use tokio::sync::oneshot;
+use schemas::{Reply, Request, PROGRESS_HEADER};
+use tokio::sync::{mpsc, oneshot};
 
 pub use schemas;
 
@@ -24,6 +31,8 @@ pub use schemas;
 pub enum ClientError {
     #[error("could not reach the broker: {0}")]
     Broker(#[from] lapin::Error),
+    #[error("the reply queue {0} does not exist; declare it first, or leave out --reply-to")]
+    NoReplyQueue(String),
     #[error("the request queue {0} does not exist; the worker is probably not running")]
     NoRequestQueue(String),
     #[error("the broker refused the request")]
@@ -34,9 +43,25 @@ pub enum ClientError {
     Closed,
 }
 
-/// Waiting calls, by correlation id. A call that needs every reply (progress events included)
-/// would register a channel instead; today only final replies are awaited.
-type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>;
+/// How many progress envelopes of one call may wait to be read; more are dropped (progress is
+/// best effort; the final reply has a slot of its own).
+const PROGRESS_BUFFER: usize = 64;
+
+/// A reply as it arrived: decoded, and the exact body (to print it unchanged).
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub reply: Reply,
+    pub body: Vec<u8>,
+}
+
+/// A call waiting for its replies.
+struct Waiter {
+    progress: Option<mpsc::Sender<Reply>>,
+    done: oneshot::Sender<Envelope>,
+}
+
+/// Waiting calls, by correlation id.
+type Waiters = Arc<Mutex<HashMap<String, Waiter>>>;
 
 /// Options of one published request.
 #[derive(Debug, Clone, Default)]
@@ -45,12 +70,15 @@ pub struct Publish {
     pub correlation_id: Option<String>,
     /// The idempotency key; the worker falls back to the correlation id.
     pub message_id: Option<String>,
-    /// Defaults to this client's private reply queue; `Some("")` sends no `reply_to`.
+    /// Defaults to this client's reply queue; `Some("")` sends no `reply_to` (replies then go
+    /// to the worker's default reply queue).
     pub reply_to: Option<String>,
+    /// Asks for progress envelopes (AMQP header `x-progress: true`).
+    pub progress: bool,
 }
 
 pub struct Client {
-    _connection: Connection,
+    connection: Connection,
     channel: Channel,
     request_queue: String,
     reply_queue: String,
@@ -58,31 +86,64 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects and sets up a private reply queue.
+    /// Connects and sets up a private reply queue (exclusive, auto-deleted).
     pub async fn connect(amqp_url: &str, request_queue: &str) -> Result<Self, ClientError> {
+        Self::connect_with(amqp_url, request_queue, None).await
+    }
+
+    /// Connects; replies arrive on `reply_queue` when given (an existing queue, possibly shared
+    /// with other clients: only the replies this client awaits are acknowledged, the others go
+    /// back to the queue when the client disconnects), else on a private queue.
+    pub async fn connect_with(
+        amqp_url: &str,
+        request_queue: &str,
+        reply_queue: Option<&str>,
+    ) -> Result<Self, ClientError> {
         let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let reply_queue = queue.name().as_str().to_owned();
+        let shared = reply_queue.is_some();
+        let reply_queue = match reply_queue {
+            Some(name) => {
+                // A passive declaration fails (and closes the channel) when the queue is missing.
+                let probe = connection.create_channel().await?;
+                probe
+                    .queue_declare(
+                        name.into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|_| ClientError::NoReplyQueue(name.to_owned()))?;
+                let _ = probe.close(200, "probed".into()).await;
+                name.to_owned()
+            }
+            None => channel
+                .queue_declare(
+                    "".into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?
+                .name()
+                .as_str()
+                .to_owned(),
+        };
         let mut consumer = channel
             .basic_consume(
                 reply_queue.as_str().into(),
                 "".into(),
                 BasicConsumeOptions {
-                    no_ack: true,
+                    no_ack: !shared,
                     ..BasicConsumeOptions::default()
                 },
                 FieldTable::default(),
@@ -92,23 +153,14 @@ impl Client {
         let routes = Arc::clone(&waiters);
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = consumer.next().await {
-                let Ok(reply) = serde_json::from_slice::<Reply>(&delivery.data) else {
-                    continue;
-                };
-                if !reply.is_final {
-                    continue;
-                }
-                let waiter = reply
-                    .correlation_id
-                    .as_ref()
-                    .and_then(|id| routes.lock().unwrap_or_else(|p| p.into_inner()).remove(id));
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(reply);
+                let routed = route(&routes, &delivery.data);
+                if shared && routed {
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
                 }
             }
         });
         Ok(Self {
-            _connection: connection,
+            connection,
             channel,
             request_queue: request_queue.to_owned(),
             reply_queue,
@@ -116,7 +168,26 @@ impl Client {
         })
     }
 
-    /// The private queue this client's replies arrive on.
+    /// How many consumers (workers) the request queue has now.
+    pub async fn request_queue_consumers(&self) -> Result<u32, ClientError> {
+        // On a channel of its own: a failed passive declaration closes its channel.
+        let channel = self.connection.create_channel().await?;
+        let queue = channel
+            .queue_declare(
+                self.request_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|_| ClientError::NoRequestQueue(self.request_queue.clone()))?;
+        let _ = channel.close(200, "probed".into()).await;
+        Ok(queue.consumer_count())
+    }
+
+    /// The queue this client's replies arrive on.
     pub fn reply_queue(&self) -> &str {
         &self.reply_queue
     }
@@ -144,14 +215,21 @@ impl Client {
             .correlation_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let (tx, rx) = oneshot::channel();
+        let (done, receiver) = oneshot::channel();
+        let (progress, progress_rx) = if options.progress {
+            let (tx, rx) = mpsc::channel(PROGRESS_BUFFER);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         self.waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(correlation_id.clone(), tx);
+            .insert(correlation_id.clone(), Waiter { progress, done });
         let pending = PendingReply {
             correlation_id: correlation_id.clone(),
-            receiver: rx,
+            receiver,
+            progress: progress_rx,
             waiters: Arc::clone(&self.waiters),
         };
         self.publish(
@@ -183,6 +261,11 @@ impl Client {
         if let Some(message_id) = options.message_id {
             properties = properties.with_message_id(message_id.into());
         }
+        if options.progress {
+            let mut headers = FieldTable::default();
+            headers.insert(PROGRESS_HEADER.into(), AMQPValue::Boolean(true));
+            properties = properties.with_headers(headers);
+        }
         let confirmation = self
             .channel
             .basic_publish(
@@ -207,10 +290,45 @@ impl Client {
     }
 }
 
-/// The final reply of a published request, still to come.
+/// Hands an arriving envelope to the call awaiting its correlation id: a progress envelope to
+/// its progress channel (dropped when the call did not ask for progress or is not keeping up),
+/// the final reply to its one slot. Returns whether a waiting call took it.
+fn route(waiters: &Waiters, body: &[u8]) -> bool {
+    let Ok(reply) = serde_json::from_slice::<Reply>(body) else {
+        return false;
+    };
+    let Some(id) = reply.correlation_id.clone() else {
+        return false;
+    };
+    let mut waiters = waiters.lock().unwrap_or_else(|p| p.into_inner());
+    if !reply.is_final {
+        return match waiters.get(&id) {
+            Some(waiter) => {
+                if let Some(progress) = &waiter.progress {
+                    let _ = progress.try_send(reply);
+                }
+                true
+            }
+            None => false,
+        };
+    }
+    match waiters.remove(&id) {
+        Some(waiter) => {
+            let _ = waiter.done.send(Envelope {
+                reply,
+                body: body.to_vec(),
+            });
+            true
+        }
+        None => false,
+    }
+}
+
+/// The replies of a published request, still to come.
 pub struct PendingReply {
     correlation_id: String,
-    receiver: oneshot::Receiver<Reply>,
+    receiver: oneshot::Receiver<Envelope>,
+    progress: Option<mpsc::Receiver<Reply>>,
     waiters: Waiters,
 }
 
@@ -219,11 +337,35 @@ impl PendingReply {
         &self.correlation_id
     }
 
-    /// Waits at most `timeout` for the reply.
-    pub async fn wait(mut self, timeout: Duration) -> Result<Reply, ClientError> {
-        match tokio::time::timeout(timeout, &mut self.receiver).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(ClientError::Closed),
+    /// Waits at most `timeout` for the final reply.
+    pub async fn wait(self, timeout: Duration) -> Result<Reply, ClientError> {
+        self.wait_with_progress(timeout, |_| {})
+            .await
+            .map(|envelope| envelope.reply)
+    }
+
+    /// Waits at most `timeout` for the final reply, handing each progress envelope that comes
+    /// before it to `on_progress`, in arrival order.
+    pub async fn wait_with_progress(
+        mut self,
+        timeout: Duration,
+        mut on_progress: impl FnMut(&Reply),
+    ) -> Result<Envelope, ClientError> {
+        let receive = async {
+            if let Some(progress) = self.progress.as_mut() {
+                loop {
+                    tokio::select! {
+                        // Progress first: envelopes routed before the final reply come first.
+                        biased;
+                        Some(event) = progress.recv() => on_progress(&event),
+                        done = &mut self.receiver => return done.map_err(|_| ClientError::Closed),
+                    }
+                }
+            }
+            (&mut self.receiver).await.map_err(|_| ClientError::Closed)
+        };
+        match tokio::time::timeout(timeout, receive).await {
+            Ok(result) => result,
             Err(_) => Err(ClientError::Timeout(timeout)),
         }
     }

@@ -257,6 +257,14 @@ pub struct Reply {
     /// `true` on the one final reply of a request.
     #[serde(rename = "final")]
     pub is_final: bool,
+    /// On a progress envelope (`final` false, status 202): what the request is doing now, one of
+    /// the [`Stage`] names. Readers must accept stages they do not know. Absent on final replies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// With stage `queued`: how many requests are ahead of this one in its container's lane
+    /// (0: it runs next).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u32>,
     /// The operation's result on success (field names of the earlier server); null otherwise.
     pub result: Option<ReplyResult>,
     pub error: Option<ReplyError>,
@@ -266,6 +274,47 @@ pub struct Reply {
     pub node: String,
     /// Time from the worker taking the request to the reply, in milliseconds.
     pub duration_ms: u64,
+}
+
+/// The status of a progress envelope: accepted, not finished.
+pub const PROGRESS_STATUS: u16 = 202;
+
+/// The AMQP header a request carries (boolean `true`) to receive progress envelopes before its
+/// final reply.
+pub const PROGRESS_HEADER: &str = "x-progress";
+
+/// What a request is doing, as progress envelopes name it in `stage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// Accepted and waiting in its container's lane.
+    Queued,
+    /// `apptainer build`: can take many minutes.
+    BuildingImage,
+    /// `apptainer instance start`.
+    StartingInstance,
+    /// `apptainer instance stop`.
+    StoppingInstance,
+    /// Removing a deleted container's image and files.
+    DeletingData,
+}
+
+impl Stage {
+    /// The name on the wire (and in the inbox's `intent` column).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Queued => "queued",
+            Stage::BuildingImage => "building_image",
+            Stage::StartingInstance => "starting_instance",
+            Stage::StoppingInstance => "stopping_instance",
+            Stage::DeletingData => "deleting_data",
+        }
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What a successful reply carries in `result`, by operation.

@@ -6,9 +6,12 @@
 mod helpers;
 
 mod chaos;
+mod cli;
+mod compose;
 mod failures;
 mod faults;
 mod invalid_requests;
 mod lifecycle;
 mod ordering;
+mod progress;
 mod recovery;

@@ -17,6 +17,7 @@ use crate::broker::Broker;
 use crate::intake::{lane_of, Intake};
 use crate::ops::OpContext;
 use crate::outbox::{self, reconnect_backoff, Publisher};
+use crate::progress::Progress;
 use crate::reconciler::Reconciler;
 use crate::runtime::{Apptainer, Runtime};
 use crate::scheduler::{Executor, Job, JobKind, Scheduler};
@@ -108,6 +109,7 @@ impl Worker {
         let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
         let outbox_wake = Arc::new(Notify::new());
+        let progress = Arc::new(Progress::new(Some(Arc::clone(&self.publisher))));
         let executor = Executor {
             ctx: OpContext {
                 store: self.store.clone(),
@@ -116,6 +118,7 @@ impl Worker {
                 definitions_dir: self.settings.definitions_dir(),
                 bind_roots: self.bind_roots.clone(),
                 home_mount: self.settings.home_mount.clone(),
+                progress: Arc::clone(&progress),
             },
             node: self.node.clone(),
             outbox_wake: Arc::clone(&outbox_wake),
@@ -163,6 +166,7 @@ impl Worker {
             store: self.store.clone(),
             scheduler: scheduler.clone(),
             publisher: Arc::clone(&self.publisher),
+            progress,
             outbox_wake: Arc::clone(&outbox_wake),
             pending: Arc::new(Semaphore::new(self.settings.max_pending)),
             tracker: tracker.clone(),
@@ -241,6 +245,9 @@ impl Worker {
                         deadline_ms: entry.deadline_ms,
                     },
                     permit: None,
+                    // The wish for progress was not kept: a resumed request gets its final
+                    // reply only.
+                    progress: None,
                 },
             );
         }

@@ -7,6 +7,7 @@
 //! - [`intake`]: decode, validate, deduplicate, write to the inbox, acknowledge;
 //! - [`scheduler`]: one FIFO lane per container name, and the executor;
 //! - [`ops`]: one file per operation;
+//! - [`progress`]: best-effort progress envelopes for requests that ask for them;
 //! - [`runtime`]: the apptainer adapter and the definition-file renderer;
 //! - [`store`]: SQLite (containers, inbox, outbox);
 //! - [`outbox`]: confirmed publishing of replies;
@@ -18,6 +19,7 @@ pub mod broker;
 pub mod intake;
 pub mod ops;
 pub mod outbox;
+pub mod progress;
 pub mod reconciler;
 pub mod reply;
 pub mod runtime;

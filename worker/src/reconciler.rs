@@ -44,6 +44,7 @@ impl Reconciler {
                     Job {
                         kind: JobKind::Reconcile { name: name.clone() },
                         permit: None,
+                        progress: None,
                     },
                 );
                 findings.dead.push(name);

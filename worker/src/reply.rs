@@ -1,6 +1,6 @@
 //! Reply envelopes: what every answer looks like on the wire.
 
-use schemas::{ErrorCode, Op, Reply, ReplyError, PROTOCOL_VERSION};
+use schemas::{ErrorCode, Op, Reply, ReplyError, Stage, PROGRESS_STATUS, PROTOCOL_VERSION};
 
 use crate::ops::{OpError, Outcome};
 
@@ -29,6 +29,8 @@ impl ReplyHeader {
                 status: outcome.status,
                 ok: true,
                 is_final: true,
+                stage: None,
+                position: None,
                 result: outcome.result.clone(),
                 error: None,
                 warnings: outcome.warnings.clone(),
@@ -49,11 +51,40 @@ impl ReplyHeader {
             status: code.status(),
             ok: false,
             is_final: true,
+            stage: None,
+            position: None,
             result: None,
             error: Some(ReplyError {
                 code,
                 message: message.to_owned(),
             }),
+            warnings: Vec::new(),
+            node: self.node.clone(),
+            duration_ms: self.duration_ms,
+        }
+    }
+}
+
+impl ReplyHeader {
+    /// A progress envelope: not final, status 202, the stage the request has reached.
+    pub fn progress(
+        &self,
+        correlation_id: Option<&str>,
+        stage: Stage,
+        position: Option<u32>,
+    ) -> Reply {
+        Reply {
+            v: PROTOCOL_VERSION,
+            correlation_id: correlation_id.map(str::to_owned),
+            op: self.op,
+            container_name: self.container_name.clone(),
+            status: PROGRESS_STATUS,
+            ok: true,
+            is_final: false,
+            stage: Some(stage.as_str().to_owned()),
+            position,
+            result: None,
+            error: None,
             warnings: Vec::new(),
             node: self.node.clone(),
             duration_ms: self.duration_ms,

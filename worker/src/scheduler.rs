@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ops::{self, Attempt, OpContext, OpError, Outcome};
+use crate::progress::Watcher;
 use crate::reply::{to_body, ReplyHeader};
-use crate::store::{now_ms, Change};
+use crate::store::{now_ms, Change, ReplyTarget};
 
 /// Lane of requests that name no container (`getallcont`); no container name can be this.
 pub const GLOBAL_LANE: &str = "*";
@@ -27,6 +28,9 @@ pub struct Job {
     pub kind: JobKind,
     /// Held until the job is done; bounds the work accepted but not finished.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// Where progress envelopes go, when the requester asked for them (writes only: a read
+    /// has no stage after `queued`, which the intake sends).
+    pub progress: Option<ReplyTarget>,
 }
 
 pub enum JobKind {
@@ -66,6 +70,7 @@ impl Executor {
         let Job {
             kind,
             permit: _permit,
+            progress,
         } = job;
         match kind {
             JobKind::Write {
@@ -73,7 +78,17 @@ impl Executor {
                 seq,
                 received_ms,
                 deadline_ms,
-            } => self.run_write(seq, received_ms, deadline_ms, request).await,
+            } => {
+                if let Some(target) = progress {
+                    let watcher = Watcher {
+                        target,
+                        header: self.header(&request, 0),
+                        received_ms,
+                    };
+                    self.ctx.progress.watch(seq, watcher);
+                }
+                self.run_write(seq, received_ms, deadline_ms, request).await
+            }
             JobKind::Read {
                 request,
                 received,
@@ -131,6 +146,7 @@ impl Executor {
                 }
             },
         };
+        self.ctx.progress.unwatch(seq);
         let duration = (now_ms() - received_ms).max(0) as u64;
         let header = self.header(&request, duration);
         let change = outcome
@@ -193,10 +209,17 @@ fn deadline_passed(deadline_ms: Option<i64>) -> Option<OpError> {
     })
 }
 
+/// One container's requests: those waiting, and whether one of its jobs is running.
+#[derive(Default)]
+struct Lane {
+    waiting: VecDeque<Job>,
+    running: bool,
+}
+
 /// The lanes. Cheap to clone.
 #[derive(Clone)]
 pub struct Scheduler {
-    lanes: Arc<Mutex<HashMap<String, VecDeque<Job>>>>,
+    lanes: Arc<Mutex<HashMap<String, Lane>>>,
     executor: Arc<Executor>,
     tracker: TaskTracker,
     /// Once cancelled, lanes start no new job; queued writes stay in the inbox for the next
@@ -220,11 +243,15 @@ impl Scheduler {
             let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
             match lanes.get_mut(lane) {
                 Some(queue) => {
-                    queue.push_back(job);
+                    queue.waiting.push_back(job);
                     false
                 }
                 None => {
-                    lanes.insert(lane.to_owned(), VecDeque::from([job]));
+                    let queue = Lane {
+                        waiting: VecDeque::from([job]),
+                        running: false,
+                    };
+                    lanes.insert(lane.to_owned(), queue);
                     true
                 }
             }
@@ -236,10 +263,19 @@ impl Scheduler {
         }
     }
 
+    /// How many requests are ahead of one submitted to `lane` now: those waiting in it, plus
+    /// the one running (0: the lane is idle and the request runs at once).
+    pub fn position(&self, lane: &str) -> u32 {
+        let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        lanes.get(lane).map_or(0, |queue| {
+            u32::try_from(queue.waiting.len() + usize::from(queue.running)).unwrap_or(u32::MAX)
+        })
+    }
+
     /// How many lanes have work, and the longest queue.
     pub fn depth(&self) -> (usize, usize) {
         let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        let longest = lanes.values().map(VecDeque::len).max().unwrap_or(0);
+        let longest = lanes.values().map(|l| l.waiting.len()).max().unwrap_or(0);
         (lanes.len(), longest)
     }
 
@@ -254,8 +290,9 @@ impl Scheduler {
                 let next = if self.stopping.is_cancelled() {
                     None
                 } else {
-                    queue.pop_front()
+                    queue.waiting.pop_front()
                 };
+                queue.running = next.is_some();
                 if next.is_none() {
                     lanes.remove(&lane);
                 }

@@ -18,20 +18,23 @@ use std::time::Instant;
 use backon::Retryable;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use schemas::{ErrorCode, Op, Request};
+use lapin::types::{AMQPValue, FieldTable};
+use schemas::{ErrorCode, Op, Request, Stage, PROGRESS_HEADER};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::outbox::Publisher;
+use crate::progress::{Progress, Watcher};
 use crate::reply::{to_body, ReplyHeader};
 use crate::scheduler::{Job, JobKind, Scheduler, GLOBAL_LANE};
-use crate::store::{Accepted, ReplyTarget, Store};
+use crate::store::{now_ms, Accepted, ReplyTarget, Store};
 
 pub struct Intake {
     pub store: Store,
     pub scheduler: Scheduler,
     pub publisher: Arc<Publisher>,
+    pub progress: Arc<Progress>,
     pub outbox_wake: Arc<Notify>,
     /// Permits for requests accepted but not finished.
     pub pending: Arc<Semaphore>,
@@ -59,6 +62,8 @@ struct Envelope {
     identity: String,
     /// When the request must have run by (unix ms), or why the deadline cannot be read.
     deadline_ms: Result<Option<i64>, String>,
+    /// Whether the requester asked for progress envelopes (`x-progress: true`).
+    progress: bool,
 }
 
 impl Envelope {
@@ -92,6 +97,7 @@ impl Envelope {
             idempotency_key,
             identity,
             deadline_ms: deadline_ms(properties),
+            progress: wants_progress(properties.headers().as_ref()),
         }
     }
 }
@@ -373,6 +379,7 @@ impl Intake {
         envelope: Envelope,
         received: Instant,
     ) {
+        let wants_progress = envelope.progress;
         let target = envelope.target;
         let permit = Arc::clone(&self.pending)
             .acquire_owned()
@@ -380,6 +387,11 @@ impl Intake {
             .expect("the pending semaphore is never closed");
         let (reply_tx, reply_rx) = oneshot::channel();
         let lane = lane_of(&request);
+        if wants_progress {
+            let received_ms = now_ms() - received.elapsed().as_millis() as i64;
+            self.report_queued(&request, &lane, target.clone(), received_ms)
+                .await;
+        }
         let job = Job {
             kind: JobKind::Read {
                 request,
@@ -389,6 +401,7 @@ impl Intake {
                 reply: reply_tx,
             },
             permit: Some(permit),
+            progress: None,
         };
         self.scheduler.submit(&lane, job);
         let publisher = Arc::clone(&self.publisher);
@@ -414,6 +427,7 @@ impl Intake {
             .unwrap_or_else(|| format!("anonymous-{}", uuid::Uuid::new_v4()));
         let deadline_ms = envelope.deadline_ms.ok().flatten();
         let target = envelope.target;
+        let progress = envelope.progress.then(|| target.clone());
         let accepted = self
             .until_stored(|| {
                 self.store.accept(
@@ -449,16 +463,47 @@ impl Intake {
             }
         };
         ack(delivery).await;
+        let received_ms = now_ms();
+        if let Some(target) = &progress {
+            self.report_queued(&request, &lane, target.clone(), received_ms)
+                .await;
+        }
         let job = Job {
             kind: JobKind::Write {
                 request,
                 seq,
-                received_ms: crate::store::now_ms(),
+                received_ms,
                 deadline_ms,
             },
             permit: Some(permit),
+            progress,
         };
         self.scheduler.submit(&lane, job);
+    }
+
+    /// Tells a requester that asked for progress where its request waits. Sent (and confirmed)
+    /// before the job is submitted, so it precedes every later envelope of the request.
+    async fn report_queued(
+        &self,
+        request: &Request,
+        lane: &str,
+        target: ReplyTarget,
+        received_ms: i64,
+    ) {
+        let watcher = Watcher {
+            target,
+            header: ReplyHeader {
+                node: self.node.clone(),
+                op: Some(request.op()),
+                container_name: request.container_name().map(|n| n.to_string()),
+                duration_ms: 0,
+            },
+            received_ms,
+        };
+        let position = self.scheduler.position(lane);
+        self.progress
+            .send(&watcher, Stage::Queued, Some(position))
+            .await;
     }
 }
 
@@ -486,6 +531,20 @@ fn explain_field_error(body: &serde_json::Value) -> Option<String> {
             first_error::<schemas::VolumeRequest>(fields)
         }
         _ => None,
+    }
+}
+
+/// Whether the delivery asked for progress envelopes: header `x-progress` set to boolean
+/// `true` (or, for clients that can only send strings, `"true"`).
+fn wants_progress(headers: Option<&FieldTable>) -> bool {
+    let Some(value) = headers.and_then(|h| h.inner().get(PROGRESS_HEADER)) else {
+        return false;
+    };
+    match value {
+        AMQPValue::Boolean(flag) => *flag,
+        AMQPValue::LongString(text) => text.as_bytes().eq_ignore_ascii_case(b"true"),
+        AMQPValue::ShortString(text) => text.as_str().eq_ignore_ascii_case("true"),
+        _ => false,
     }
 }
 
@@ -537,5 +596,32 @@ async fn requeue(delivery: Delivery) {
     };
     if let Err(e) = delivery.nack(options).await {
         tracing::warn!(error = %e, "could not return a delivery to the broker");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    use super::wants_progress;
+
+    fn headers(value: AMQPValue) -> FieldTable {
+        let mut table = FieldTable::default();
+        table.insert(schemas::PROGRESS_HEADER.into(), value);
+        table
+    }
+
+    #[test]
+    fn progress_is_sent_only_to_requests_that_ask_for_it() {
+        assert!(wants_progress(Some(&headers(AMQPValue::Boolean(true)))));
+        assert!(wants_progress(Some(&headers(AMQPValue::LongString(
+            LongString::from("true")
+        )))));
+        assert!(!wants_progress(Some(&headers(AMQPValue::Boolean(false)))));
+        assert!(!wants_progress(Some(&headers(AMQPValue::LongString(
+            LongString::from("yes")
+        )))));
+        assert!(!wants_progress(Some(&FieldTable::default())));
+        assert!(!wants_progress(None));
     }
 }

@@ -1,7 +1,7 @@
 //! `deletecontdata`: delete the image a deleted container left behind. Deletes only inside the
 //! worker's image directory, checked after resolving symlinks.
 
-use schemas::{ErrorCode, Op};
+use schemas::{ErrorCode, Op, Stage};
 
 use super::start::remove_path;
 use super::{Attempt, OpContext, OpError, Outcome};
@@ -45,9 +45,7 @@ pub async fn execute(ctx: &OpContext, name: &str, attempt: Attempt) -> Result<Ou
             ),
         ));
     }
-    ctx.store
-        .record_intent(attempt.seq, "deleting_data")
-        .await?;
+    ctx.record_intent(attempt, Stage::DeletingData).await?;
     // remove_path does not follow a symlink at `path` itself: it removes the link.
     remove_path(path).map_err(|e| {
         OpError::new(

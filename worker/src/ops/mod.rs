@@ -19,8 +19,9 @@ mod stop;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use schemas::{ContainerRecord, ErrorCode, Op, ReplyResult, Request};
+use schemas::{ContainerRecord, ErrorCode, Op, ReplyResult, Request, Stage};
 
+use crate::progress::Progress;
 use crate::runtime::{Bind, Runtime, RuntimeError};
 pub use restore::converge_dead_instance;
 
@@ -36,12 +37,24 @@ pub struct OpContext {
     pub bind_roots: Vec<PathBuf>,
     /// Where `volume_name` is bound inside the container.
     pub home_mount: String,
+    /// Progress envelopes for the requests that asked for them.
+    pub progress: Arc<Progress>,
 }
 
 impl OpContext {
     /// Where the sandbox image of a container lives.
     pub fn image_path(&self, name: &str) -> PathBuf {
         self.images_dir.join(name)
+    }
+
+    /// Records the intent of the next side effect (so recovery knows it may have happened),
+    /// then tells the requester, if it asked for progress, that the request reached `stage`.
+    pub async fn record_intent(&self, attempt: Attempt, stage: Stage) -> Result<(), StoreError> {
+        self.store
+            .record_intent(attempt.seq, stage.as_str())
+            .await?;
+        self.progress.report(attempt.seq, stage).await;
+        Ok(())
     }
 }
 

@@ -1,6 +1,6 @@
 //! `restart`: start a stopped container again, from its image, with its stored binds.
 
-use schemas::{ErrorCode, Op, ReplyResult};
+use schemas::{ErrorCode, Op, ReplyResult, Stage};
 
 use super::{instance_binds, record, registered, Attempt, OpContext, OpError, Outcome};
 use crate::store::Change;
@@ -35,9 +35,7 @@ pub async fn execute(ctx: &OpContext, name: &str, attempt: Attempt) -> Result<Ou
             ));
         }
         None => {
-            ctx.store
-                .record_intent(attempt.seq, "starting_instance")
-                .await?;
+            ctx.record_intent(attempt, Stage::StartingInstance).await?;
             ctx.runtime.start_instance(&image, name, &binds).await?;
         }
     }

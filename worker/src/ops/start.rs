@@ -2,7 +2,7 @@
 //! instance. Re-running an interrupted `start` converges: an image this request already built
 //! is not built again, and an instance it already started is adopted, not started twice.
 
-use schemas::{ErrorCode, Op, ReplyResult, StartRequest};
+use schemas::{ErrorCode, Op, ReplyResult, Stage, StartRequest};
 
 use super::{instance_binds, record, Attempt, OpContext, OpError, Outcome};
 use crate::runtime::definition::Definition;
@@ -113,16 +113,12 @@ async fn build_and_start(
             .map_err(|e| internal("write the definition file", e))?;
         std::fs::create_dir_all(&ctx.images_dir)
             .map_err(|e| internal("create the images directory", e))?;
-        ctx.store
-            .record_intent(attempt.seq, "building_image")
-            .await?;
+        ctx.record_intent(attempt, Stage::BuildingImage).await?;
         let build = ctx.runtime.build_sandbox(image, &def_path).await;
         let _ = std::fs::remove_file(&def_path);
         build?;
     }
-    ctx.store
-        .record_intent(attempt.seq, "starting_instance")
-        .await?;
+    ctx.record_intent(attempt, Stage::StartingInstance).await?;
     ctx.runtime.start_instance(image, name, binds).await?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `stop`: stop a running container's instance. An instance that is already gone counts as
 //! stopped, so a re-run after a crash converges.
 
-use schemas::{ErrorCode, Op, ReplyResult};
+use schemas::{ErrorCode, Op, ReplyResult, Stage};
 
 use super::{record, registered, Attempt, OpContext, OpError, Outcome};
 use crate::runtime::Stopped;
@@ -15,9 +15,7 @@ pub async fn execute(ctx: &OpContext, name: &str, attempt: Attempt) -> Result<Ou
             format!("container {name} is already stopped"),
         ));
     }
-    ctx.store
-        .record_intent(attempt.seq, "stopping_instance")
-        .await?;
+    ctx.record_intent(attempt, Stage::StoppingInstance).await?;
     let stopped = ctx.runtime.stop_instance(name).await?;
     if stopped == Stopped::WasNotRunning {
         tracing::info!(

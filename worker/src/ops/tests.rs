@@ -109,6 +109,7 @@ fn fixture(runtime: MemoryRuntime) -> Fixture {
         definitions_dir: data.join("definitions"),
         bind_roots: vec![data.join("volumes")],
         home_mount: "/home/nextpyter".into(),
+        progress: Arc::new(crate::progress::Progress::new(None)),
     };
     Fixture { dir, runtime, ctx }
 }

@@ -1,0 +1,317 @@
+//! The command line's grammar (clap derive): one subcommand per operation, flags named after the
+//! protocol's fields, and the conversion of a parsed command into a request body.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use schemas::{
+    ContainerName, ContainerRequest, Op, PageRequest, Request, StartRequest, VolumeRequest,
+    DEFAULT_REQUEST_QUEUE,
+};
+
+/// The broker URL when neither `--amqp-url` nor `AMQP_URL` is given (the worker's default).
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// How long `start` and `restart` wait by default: an image build can take many minutes.
+pub const DEFAULT_LONG_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long every other operation waits by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the orchestrator answered with an error (its message and status are printed on stderr)
+  2  the command line or the request was invalid; nothing was sent
+  3  the broker could not be reached, the request queue does not exist (the worker is probably
+     not running), or no reply came within --timeout";
+
+/// Command line client of apptainer-orchestrator: sends one request to the worker through
+/// RabbitMQ and prints its reply.
+#[derive(Debug, Parser)]
+#[command(name = "orchestrator", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every subcommand takes.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Common options")]
+pub struct Common {
+    /// The broker's URL.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, global = true, hide_env_values = true)]
+    pub amqp_url: String,
+    /// The queue the worker consumes requests from.
+    #[arg(long, env = "ORCHESTRATOR_QUEUE", default_value = DEFAULT_REQUEST_QUEUE, global = true)]
+    pub queue: String,
+    /// How long to wait for the reply: 90, 90s, 5m, 1h, 500ms [default: 1h for start and
+    /// restart, 60s for the others].
+    #[arg(long, global = true, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Print the final reply envelope exactly as it arrived, and nothing else.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Publish the request, print its correlation id and exit without waiting; the reply goes
+    /// to --reply-to, or to the worker's default reply queue.
+    #[arg(long, global = true)]
+    pub no_wait: bool,
+    /// Have the reply sent to this existing queue (e.g. a durable one) instead of a private one.
+    #[arg(long, global = true, value_name = "QUEUE")]
+    pub reply_to: Option<String>,
+    /// Do not ask for progress events (start and restart ask for them by default).
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build the image and start a container (201).
+    Start(StartArgs),
+    /// Stop a running container.
+    Stop(NameArgs),
+    /// Start a stopped container again, with its stored binds.
+    Restart(NameArgs),
+    /// Show one container.
+    #[command(visible_alias = "get")]
+    Getcont(NameArgs),
+    /// List containers (a table), and the data deleted containers left.
+    #[command(visible_alias = "list")]
+    Getallcont(PageArgs),
+    /// Unregister a stopped container; its image stays on disk until deletecontdata.
+    #[command(visible_alias = "delete")]
+    Deletecont(NameArgs),
+    /// Delete the image and files a deleted container left.
+    #[command(visible_alias = "delete-data")]
+    Deletecontdata(NameArgs),
+    /// Bind a host directory into a container (from its next start if it is running).
+    #[command(visible_alias = "bind")]
+    Createvolume(VolumeArgs),
+    /// Remove a bind from a stopped container.
+    #[command(visible_aliases = ["unbind", "removevolume"])]
+    Deletevolume(VolumeArgs),
+    /// Send a raw JSON request from FILE, or from standard input with `-`.
+    Send {
+        /// A file holding one JSON request, or `-`.
+        file: PathBuf,
+    },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// The container's name.
+    #[arg(value_parser = parse_name)]
+    pub name: ContainerName,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The container's name: 1 to 64 of A-Z a-z 0-9 _ . -, starting with a letter or digit.
+    #[arg(value_parser = parse_name)]
+    pub name: ContainerName,
+    /// container_image: the image's name, as recorded and reported back.
+    #[arg(long)]
+    pub image: String,
+    /// image_distributor: the bootstrap agent (docker, library, oras, shub).
+    #[arg(long, default_value = "docker")]
+    pub distributor: String,
+    /// image_os: `From:` before the colon [default: the --image value].
+    #[arg(long)]
+    pub os: Option<String>,
+    /// image_version: `From:` after the colon.
+    #[arg(long, default_value = "latest")]
+    pub version: String,
+    /// container_command: a line of the start script; repeat for more lines.
+    #[arg(long = "command", value_name = "LINE")]
+    pub command: Vec<String>,
+    /// volume_name: a host directory bound to the container's home.
+    #[arg(long, value_name = "DIR")]
+    pub volume: Option<String>,
+    /// environment: a variable of the container; repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// binds: a host directory bound into the container; repeatable.
+    #[arg(long = "bind", value_name = "HOST:CONTAINER", value_parser = parse_bind)]
+    pub bind: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub struct PageArgs {
+    /// The page, from 1.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub page: Option<u32>,
+    /// Containers per page, 1 to 1000.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub page_size: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct VolumeArgs {
+    #[arg(value_parser = parse_name)]
+    pub name: ContainerName,
+    /// host_location: the directory on the host.
+    #[arg(long = "host", value_name = "DIR")]
+    pub host: String,
+    /// container_location: the directory inside the container.
+    #[arg(long = "container", value_name = "DIR")]
+    pub container: String,
+}
+
+impl Command {
+    /// The request this command sends, or `None` for commands that send none.
+    pub fn request(&self) -> Option<Request> {
+        let named = |args: &NameArgs| ContainerRequest {
+            v: None,
+            container_name: args.name.clone(),
+        };
+        let volume = |args: &VolumeArgs| VolumeRequest {
+            v: None,
+            container_name: args.name.clone(),
+            host_location: args.host.clone(),
+            container_location: args.container.clone(),
+        };
+        Some(match self {
+            Command::Start(args) => Request::Start(args.request()),
+            Command::Stop(args) => Request::Stop(named(args)),
+            Command::Restart(args) => Request::Restart(named(args)),
+            Command::Getcont(args) => Request::Getcont(named(args)),
+            Command::Getallcont(args) => Request::Getallcont(PageRequest {
+                v: None,
+                page: args.page,
+                page_size: args.page_size,
+            }),
+            Command::Deletecont(args) => Request::Deletecont(named(args)),
+            Command::Deletecontdata(args) => Request::Deletecontdata(named(args)),
+            Command::Createvolume(args) => Request::Createvolume(volume(args)),
+            Command::Deletevolume(args) => Request::Deletevolume(volume(args)),
+            Command::Send { .. } | Command::Completions { .. } => return None,
+        })
+    }
+}
+
+impl StartArgs {
+    fn request(&self) -> StartRequest {
+        StartRequest {
+            v: None,
+            container_name: self.name.clone(),
+            container_image: self.image.clone(),
+            image_distributor: self.distributor.clone(),
+            image_os: self.os.clone().unwrap_or_else(|| self.image.clone()),
+            image_version: self.version.clone(),
+            container_command: self.command.clone(),
+            volume_name: self.volume.clone(),
+            environment: self.env.iter().cloned().collect::<BTreeMap<_, _>>(),
+            binds: self.bind.iter().cloned().collect::<BTreeMap<_, _>>(),
+        }
+    }
+}
+
+/// The default wait for an operation: long where an image may be built.
+pub fn default_timeout(op: Option<Op>) -> Duration {
+    match op {
+        Some(Op::Start | Op::Restart) => DEFAULT_LONG_TIMEOUT,
+        _ => DEFAULT_TIMEOUT,
+    }
+}
+
+fn parse_name(text: &str) -> Result<ContainerName, String> {
+    ContainerName::parse(text).map_err(|e| e.to_string())
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+fn parse_bind(text: &str) -> Result<(String, String), String> {
+    match text.split_once(':') {
+        Some((host, container)) if host.starts_with('/') && container.starts_with('/') => {
+            Ok((host.to_owned(), container.to_owned()))
+        }
+        _ => Err(format!(
+            "{text:?} is not HOST:CONTAINER with two absolute paths"
+        )),
+    }
+}
+
+/// `90`, `90s`, `5m`, `1h`, `500ms`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 90, 90s, 5m, 1h or 500ms"))?;
+    let duration = match unit {
+        "" | "s" => Duration::from_secs(number),
+        "ms" => Duration::from_millis(number),
+        "m" => Duration::from_secs(number * 60),
+        "h" => Duration::from_secs(number * 3600),
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?}; use ms, s, m or h"
+            ))
+        }
+    };
+    if duration.is_zero() {
+        return Err("the timeout must be longer than zero".into());
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("0").is_err());
+    }
+
+    #[test]
+    fn start_flags_become_the_protocol_fields() {
+        let cli = Cli::try_parse_from([
+            "orchestrator",
+            "start",
+            "nb1",
+            "--image",
+            "jupyter/base-notebook",
+            "--command",
+            "jupyter lab",
+            "--env",
+            "TZ=UTC",
+            "--bind",
+            "/srv/a:/mnt/a",
+        ])
+        .unwrap();
+        let Some(Request::Start(start)) = cli.command.request() else {
+            panic!("a start request")
+        };
+        assert_eq!(start.image_distributor, "docker");
+        assert_eq!(start.image_os, "jupyter/base-notebook");
+        assert_eq!(start.image_version, "latest");
+        assert_eq!(start.container_command, ["jupyter lab"]);
+        assert_eq!(start.environment["TZ"], "UTC");
+        assert_eq!(start.binds["/srv/a"], "/mnt/a");
+    }
+
+    #[test]
+    fn the_grammar_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,260 @@
+//! The `orchestrator` command line: parse a command, send its request through [`Client`], show
+//! progress, print the reply for a person (or as JSON), and exit with a code a script can
+//! branch on. `main.rs` only calls [`main`].
+
+mod args;
+mod output;
+mod progress;
+
+use std::io::{IsTerminal, Read};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser};
+use schemas::Op;
+
+pub use args::{default_timeout, parse_duration, Cli, Command, Common};
+
+use crate::{Client, ClientError, Envelope, Publish};
+
+/// The longest a connection attempt may take, whatever the reply timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the command ended; the process exit code is its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Success = 0,
+    /// The orchestrator answered with an error.
+    ErrorReply = 1,
+    /// The command line or the request was invalid; nothing was sent.
+    Invalid = 2,
+    /// The broker was unreachable, the request queue missing, or no reply came in time.
+    Unavailable = 3,
+}
+
+/// A failure before any reply: what to print, and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Failure {
+    fn invalid(message: impl Into<String>) -> Self {
+        Self {
+            exit: Exit::Invalid,
+            message: message.into(),
+        }
+    }
+
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            exit: Exit::Unavailable,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses the process's arguments and runs the command. Clap itself exits with 2 on a usage
+/// error and with 0 after `--help` or `--version`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::from(Exit::Unavailable as u8);
+        }
+    };
+    let exit = match runtime.block_on(run(cli)) {
+        Ok(exit) => exit,
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            failure.exit
+        }
+    };
+    ExitCode::from(exit as u8)
+}
+
+/// Runs one parsed command to its end.
+pub async fn run(cli: Cli) -> Result<Exit, Failure> {
+    let Cli { common, command } = cli;
+    let (body, op) = match &command {
+        Command::Completions { shell } => {
+            let mut grammar = Cli::command();
+            clap_complete::generate(*shell, &mut grammar, "orchestrator", &mut std::io::stdout());
+            return Ok(Exit::Success);
+        }
+        Command::Send { file } => raw_request(file)?,
+        command => {
+            let request = command
+                .request()
+                .expect("every other command sends a request");
+            let body = serde_json::to_vec(&request).expect("a request always serialises");
+            (body, Some(request.op()))
+        }
+    };
+    let timeout = common.timeout.unwrap_or_else(|| default_timeout(op));
+    let client = connect(&common, timeout).await?;
+
+    if common.no_wait {
+        let correlation_id = uuid::Uuid::new_v4().to_string();
+        let options = Publish {
+            correlation_id: Some(correlation_id.clone()),
+            // Without --reply-to the reply goes to the worker's default reply queue: this
+            // client's private queue vanishes when it exits.
+            reply_to: Some(common.reply_to.clone().unwrap_or_default()),
+            ..Publish::default()
+        };
+        client
+            .publish(&body, options)
+            .await
+            .map_err(|e| unavailable(&common, e))?;
+        println!("{correlation_id}");
+        return Ok(Exit::Success);
+    }
+
+    let wants_progress =
+        matches!(op, Some(Op::Start | Op::Restart)) && !common.no_progress && !common.json;
+    let options = Publish {
+        progress: wants_progress,
+        ..Publish::default()
+    };
+    let pending = client
+        .send(&body, options)
+        .await
+        .map_err(|e| unavailable(&common, e))?;
+    let mut display = progress::Display::new(wants_progress && std::io::stderr().is_terminal());
+    let waited = pending
+        .wait_with_progress(timeout, |event| display.show(event))
+        .await;
+    display.finish();
+    match waited {
+        Ok(envelope) => Ok(print_reply(&common, &envelope)),
+        Err(ClientError::Timeout(_)) => Err(no_reply(&common, &client, timeout).await),
+        Err(e) => Err(unavailable(&common, e)),
+    }
+}
+
+/// Prints the final reply and returns the exit code it means.
+fn print_reply(common: &Common, envelope: &Envelope) -> Exit {
+    let reply = &envelope.reply;
+    if common.json {
+        println!("{}", String::from_utf8_lossy(&envelope.body));
+    } else if let Some(error) = &reply.error {
+        let code = serde_json::to_value(error.code)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        eprintln!("error: {} ({} {code})", error.message, reply.status);
+    } else {
+        for warning in &reply.warnings {
+            eprintln!("warning: {warning}");
+        }
+        print!("{}", output::render(reply));
+    }
+    if reply.ok {
+        Exit::Success
+    } else {
+        Exit::ErrorReply
+    }
+}
+
+/// Reads the body of `orchestrator send`: it must be a JSON object; the worker judges the rest.
+fn raw_request(file: &std::path::Path) -> Result<(Vec<u8>, Option<Op>), Failure> {
+    let mut body = Vec::new();
+    let stdin = file.as_os_str() == "-";
+    let source = if stdin {
+        "standard input".to_owned()
+    } else {
+        file.display().to_string()
+    };
+    let read = if stdin {
+        std::io::stdin().read_to_end(&mut body).map(drop)
+    } else {
+        std::fs::read(file).map(|bytes| body = bytes)
+    };
+    read.map_err(|e| Failure::invalid(format!("could not read {source}: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| Failure::invalid(format!("{source} is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(Failure::invalid(format!(
+            "{source} must hold one JSON object, the request"
+        )));
+    }
+    let op = value
+        .get("op")
+        .cloned()
+        .and_then(|op| serde_json::from_value(op).ok());
+    Ok((body, op))
+}
+
+async fn connect(common: &Common, timeout: Duration) -> Result<Client, Failure> {
+    let connecting = Client::connect_with(
+        &common.amqp_url,
+        &common.queue,
+        common.reply_to.as_deref().filter(|_| !common.no_wait),
+    );
+    match tokio::time::timeout(timeout.min(CONNECT_TIMEOUT), connecting).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(unavailable(common, e)),
+        Err(_) => Err(Failure::unavailable(format!(
+            "the broker at {} did not answer in time; is RabbitMQ running, and is --amqp-url right?",
+            redact(&common.amqp_url)
+        ))),
+    }
+}
+
+/// Every client failure is exit code 3; the message names the likely cause.
+fn unavailable(common: &Common, error: ClientError) -> Failure {
+    let message = match error {
+        ClientError::Broker(e) => format!(
+            "could not reach the broker at {} ({e}); is RabbitMQ running, and are --amqp-url and its credentials right?",
+            redact(&common.amqp_url)
+        ),
+        other => other.to_string(),
+    };
+    Failure::unavailable(message)
+}
+
+/// No reply in time: say whether any worker consumes the request queue.
+async fn no_reply(common: &Common, client: &Client, timeout: Duration) -> Failure {
+    let seconds = timeout.as_secs_f64();
+    let cause = match client.request_queue_consumers().await {
+        Ok(0) => format!(
+            "no worker consumes {}: the worker is probably not running (the request waits in the queue until one starts)",
+            common.queue
+        ),
+        _ => "the worker is busy or slow; the request may still run: check with `orchestrator getcont`, or raise --timeout".to_owned(),
+    };
+    Failure::unavailable(format!("no reply within {seconds}s: {cause}"))
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            super::redact("amqp://guest:secret@broker:5672/%2f"),
+            "amqp://guest:***@broker:5672/%2f"
+        );
+        assert_eq!(super::redact("amqp://broker"), "amqp://broker");
+    }
+}
