@@ -88,6 +88,22 @@ impl ScratchQueue {
         }
     }
 
+    /// Messages waiting in the queue.
+    async fn depth(&self) -> u32 {
+        self.channel
+            .queue_declare(
+                self.name.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
     async fn delete(self) {
         let _ = self
             .channel
@@ -310,19 +326,40 @@ async fn a_missing_request_queue_exits_3_saying_the_worker_is_probably_not_runni
 }
 
 #[tokio::test]
-async fn with_the_worker_stopped_a_command_exits_3_at_its_timeout() {
+async fn with_the_worker_stopped_a_command_exits_3_at_once_and_sends_nothing() {
     // Arrange: the request queue exists (durable, as a worker left it) but nobody consumes it.
     let queue =
         ScratchQueue::declare(format!("test.stopped.{}", uuid::Uuid::new_v4().simple())).await;
 
-    // Act
+    // Act: a start, whose own timeout is an hour.
     let started = std::time::Instant::now();
-    let output = orchestrator(&queue.name, &["stop", "nb1", "--timeout", "1s"]).await;
+    let output = orchestrator(
+        &queue.name,
+        &[
+            "start",
+            "nb1",
+            "--image",
+            "i",
+            "--distributor",
+            "docker",
+            "--os",
+            "o",
+            "--version",
+            "v",
+        ],
+    )
+    .await;
 
     // Assert
     assert_exit(&output, 3, "no worker on the queue");
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
     assert_stderr_contains(&output, &format!("no worker consumes {}", queue.name));
+    assert_stderr_contains(&output, "nothing was sent");
+    assert_eq!(
+        queue.depth().await,
+        0,
+        "the request was not left in the queue"
+    );
     queue.delete().await;
 }
 

@@ -117,6 +117,17 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         return Ok(Exit::Success);
     }
 
+    // Waiting for a reply no worker will send helps nobody: say so before sending anything.
+    match client.request_queue_consumers().await {
+        Ok(0) => {
+            return Err(Failure::unavailable(format!(
+                "no worker consumes {}: the worker is probably not running; nothing was sent (with --no-wait the request is queued until a worker starts)",
+                common.queue
+            )))
+        }
+        Err(e) => return Err(unavailable(&common, e)),
+        Ok(_) => {}
+    }
     let wants_progress =
         matches!(op, Some(Op::Start | Op::Restart)) && !common.no_progress && !common.json;
     let options = Publish {
