@@ -410,3 +410,9 @@ pub fn start_request(name: &str) -> Value {
 pub fn named(op: &str, name: &str) -> Value {
     serde_json::json!({"op": op, "container_name": name})
 }
+
+/// A loopback port nothing listens on right now (bound, read, released).
+pub fn free_loopback_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}

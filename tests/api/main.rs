@@ -6,9 +6,12 @@
 mod helpers;
 
 mod chaos;
+mod check;
 mod failures;
 mod faults;
+mod http;
 mod invalid_requests;
 mod lifecycle;
+mod logs;
 mod ordering;
 mod recovery;

@@ -1,0 +1,163 @@
+//! The HTTP listener: `/healthz`, `/readyz` and `/metrics` against a running worker, and the
+//! counters moving with the requests it handles.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::{
+    free_loopback_port, named, spawn_worker_with, start_request, TestWorker, WorkerOptions,
+};
+
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `GET path` over HTTP/1.1 on loopback: (status, body).
+async fn get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("nothing listens on 127.0.0.1:{port}: {e}"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
+    (status, body.to_owned())
+}
+
+/// The value of the sample `name{labels}` (labels as rendered, in order), 0 when absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == series).then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+async fn worker_with_listener() -> (TestWorker, u16) {
+    let port = free_loopback_port();
+    let worker = spawn_worker_with(WorkerOptions {
+        args: vec!["--http-addr".into(), format!("127.0.0.1:{port}")],
+        ..WorkerOptions::default()
+    })
+    .await;
+    (worker, port)
+}
+
+/// Polls `/readyz` until it answers 200 (the consumer registration and the readiness flag are
+/// set a moment apart).
+async fn wait_until_ready(worker: &TestWorker, port: u16) {
+    let deadline = Instant::now() + HTTP_TIMEOUT;
+    loop {
+        let (status, body) = get(port, "/readyz").await;
+        if status == 200 {
+            assert_eq!(body, "ready\n");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed {status}: {body}\nlog:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn healthz_and_readyz_answer_200_once_the_worker_consumes() {
+    let (worker, port) = worker_with_listener().await;
+
+    let (status, body) = get(port, "/healthz").await;
+
+    assert_eq!(status, 200, "{body}");
+    wait_until_ready(&worker, port).await;
+    assert_eq!(get(port, "/nothing-here").await.0, 404);
+}
+
+#[tokio::test]
+async fn readyz_answers_503_with_the_reason_when_the_store_refuses_writes() {
+    let (worker, port) = worker_with_listener().await;
+    wait_until_ready(&worker, port).await;
+    // A trigger that aborts every write to the probe table: to the worker, the store refuses
+    // writes as it would on a full disk.
+    let db = rusqlite::Connection::open(worker.data_dir().join("state.sqlite")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse_probe BEFORE INSERT ON write_probe
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .unwrap();
+
+    let (status, body) = get(port, "/readyz").await;
+
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("store: refuses writes"), "{body}");
+}
+
+#[tokio::test]
+async fn metrics_count_requests_replies_and_apptainer_calls() {
+    let (worker, port) = worker_with_listener().await;
+    let (status, before) = get(port, "/metrics").await;
+    assert_eq!(status, 200, "{before}");
+
+    assert_eq!(worker.call(start_request("counted")).await.status, 201);
+    assert_eq!(worker.call(named("getcont", "counted")).await.status, 200);
+    assert_eq!(worker.call(named("getcont", "missing")).await.status, 404);
+    assert_eq!(
+        worker
+            .call(serde_json::json!({"op": "start", "container_name": "Bad Name!"}))
+            .await
+            .status,
+        400
+    );
+
+    let (_, after) = get(port, "/metrics").await;
+    let moved = |series: &str| sample(&after, series) - sample(&before, series);
+    assert_eq!(
+        moved(r#"orchestrator_requests_received_total{op="start"}"#),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(
+        moved(r#"orchestrator_requests_received_total{op="getcont"}"#),
+        2.0
+    );
+    assert_eq!(
+        moved(r#"orchestrator_replies_total{op="start",status="201"}"#),
+        1.0
+    );
+    assert_eq!(
+        moved(r#"orchestrator_replies_total{op="start",status="400"}"#),
+        1.0
+    );
+    assert_eq!(
+        moved(r#"orchestrator_replies_total{op="getcont",status="404"}"#),
+        1.0
+    );
+    assert_eq!(
+        moved(r#"orchestrator_operation_duration_seconds_count{op="start"}"#),
+        1.0
+    );
+    assert!(moved(r#"orchestrator_apptainer_invocations_total{subcommand="build"}"#) >= 1.0);
+    assert!(
+        moved(r#"orchestrator_apptainer_invocations_total{subcommand="instance start"}"#) >= 1.0
+    );
+    for gauge in [
+        "orchestrator_inbox_depth",
+        "orchestrator_outbox_depth",
+        "orchestrator_lanes",
+        "orchestrator_longest_lane",
+    ] {
+        assert!(
+            after.lines().any(|l| l.starts_with(&format!("{gauge} "))),
+            "{gauge} is missing:\n{after}"
+        );
+    }
+}
