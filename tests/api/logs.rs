@@ -4,7 +4,9 @@
 use orchestrator_producer::Publish;
 use serde_json::Value;
 
-use crate::helpers::{spawn_worker_with, start_request, WorkerOptions, REPLY_TIMEOUT};
+use crate::helpers::{
+    named, spawn_worker, spawn_worker_with, start_request, WorkerOptions, REPLY_TIMEOUT,
+};
 
 #[tokio::test]
 async fn json_logs_are_json_lines_and_carry_the_request_span() {
@@ -53,4 +55,37 @@ async fn json_logs_are_json_lines_and_carry_the_request_span() {
         !log.contains("jupyter lab --no-browser"),
         "request bodies stay out of info-level logs:\n{log}"
     );
+}
+
+#[tokio::test]
+async fn text_logs_off_a_terminal_have_no_colour_codes_and_name_the_request() {
+    let worker = spawn_worker().await;
+    let correlation_id = format!("text-{}", uuid::Uuid::new_v4().simple());
+
+    let reply = worker
+        .send(
+            named("getcont", "nobody"),
+            Publish {
+                correlation_id: Some(correlation_id.clone()),
+                ..Publish::default()
+            },
+        )
+        .await
+        .wait(REPLY_TIMEOUT)
+        .await
+        .unwrap();
+
+    assert_eq!(reply.status, 404, "{reply:?}");
+    let log = worker.log();
+    assert!(
+        !log.contains('\u{1b}'),
+        "stderr is a file, not a terminal: no ANSI codes\n{log}"
+    );
+    let answered = log
+        .lines()
+        .find(|l| l.contains("request answered") && l.contains(&correlation_id))
+        .unwrap_or_else(|| panic!("no 'request answered' line names {correlation_id}:\n{log}"));
+    assert!(answered.contains("op=getcont"), "{answered}");
+    assert!(answered.contains("container=nobody"), "{answered}");
+    assert!(answered.contains("status=404"), "{answered}");
 }

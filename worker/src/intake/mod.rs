@@ -328,6 +328,7 @@ impl Intake {
                 .filter(|n| schemas::ContainerName::parse(n).is_ok()),
             duration_ms: received.elapsed().as_millis() as u64,
         };
+        crate::metrics::replied(header.op, ErrorCode::Internal.status(), None);
         let reply = header.error(
             envelope.target.correlation_id.as_deref(),
             ErrorCode::Internal,
