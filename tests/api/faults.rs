@@ -389,7 +389,7 @@ async fn sigterm_lets_the_running_build_finish_and_the_queued_request_resumes_at
 }
 
 /// Closes the worker's broker connections from the broker's side.
-fn close_worker_connections(worker: &TestWorker) -> usize {
+pub(crate) fn close_worker_connections(worker: &TestWorker) -> usize {
     let output = Command::new("rabbitmqctl")
         .args(["-q", "list_connections", "pid", "client_properties"])
         .output()

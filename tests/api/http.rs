@@ -5,8 +5,12 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use orchestrator_producer::Publish;
+
+use crate::faults::close_worker_connections;
 use crate::helpers::{
     free_loopback_port, named, spawn_worker_with, start_request, TestWorker, WorkerOptions,
+    REPLY_TIMEOUT,
 };
 
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -160,4 +164,56 @@ async fn metrics_count_requests_replies_and_apptainer_calls() {
             "{gauge} is missing:\n{after}"
         );
     }
+}
+
+/// Polls `/metrics` until `series` reaches at least `at_least`; returns the last scrape.
+async fn wait_for_sample(worker: &TestWorker, port: u16, series: &str, at_least: f64) -> String {
+    let deadline = Instant::now() + HTTP_TIMEOUT;
+    loop {
+        let (_, metrics) = get(port, "/metrics").await;
+        if sample(&metrics, series) >= at_least {
+            return metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} stayed below {at_least}:\n{metrics}\nlog:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_duplicates_and_broker_reconnects_and_readyz_recovers() {
+    let (worker, port) = worker_with_listener().await;
+    wait_until_ready(&worker, port).await;
+    let key = format!("dup-{}", uuid::Uuid::new_v4().simple());
+    let publish = || Publish {
+        message_id: Some(key.clone()),
+        ..Publish::default()
+    };
+
+    let first = worker.send(start_request("twice"), publish()).await;
+    let second = worker.send(start_request("twice"), publish()).await;
+    let first = first.wait(REPLY_TIMEOUT).await.unwrap();
+    let second = second.wait(REPLY_TIMEOUT).await.unwrap();
+    assert_eq!((first.status, second.status), (201, 201));
+    let (_, metrics) = get(port, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "orchestrator_duplicates_suppressed_total"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"orchestrator_requests_received_total{op="start"}"#
+        ),
+        2.0
+    );
+
+    assert!(close_worker_connections(&worker) >= 1);
+
+    wait_for_sample(&worker, port, "orchestrator_broker_reconnects_total", 1.0).await;
+    wait_until_ready(&worker, port).await;
 }
