@@ -98,7 +98,7 @@ fn record(reply: &schemas::Reply) -> schemas::ContainerRecord {
 }
 
 /// Kills an instance's monitor process with SIGKILL: the instance dies outside the orchestrator.
-fn kill_instance(worker: &TestWorker, name: &str) {
+pub(crate) fn kill_instance(worker: &TestWorker, name: &str) {
     let pattern = worker
         .dir
         .path()

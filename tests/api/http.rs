@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use orchestrator_producer::Publish;
 
-use crate::faults::close_worker_connections;
+use crate::faults::{close_worker_connections, kill_instance};
 use crate::helpers::{
     free_loopback_port, named, spawn_worker_with, start_request, TestWorker, WorkerOptions,
     REPLY_TIMEOUT,
@@ -216,4 +216,50 @@ async fn metrics_count_duplicates_and_broker_reconnects_and_readyz_recovers() {
 
     wait_for_sample(&worker, port, "orchestrator_broker_reconnects_total", 1.0).await;
     wait_until_ready(&worker, port).await;
+}
+
+#[tokio::test]
+async fn metrics_count_apptainer_failures_and_reconciler_findings() {
+    let port = free_loopback_port();
+    let worker = spawn_worker_with(WorkerOptions {
+        args: vec![
+            "--http-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--reconcile-interval-secs".into(),
+            "1".into(),
+            "--restore-policy".into(),
+            "none".into(),
+        ],
+        ..WorkerOptions::default()
+    })
+    .await;
+    worker.control_fake(&["FAIL=build"]);
+    assert_eq!(worker.call(start_request("fails")).await.status, 500);
+    worker.control_fake(&[]);
+    assert_eq!(worker.call(start_request("dies")).await.status, 201);
+
+    kill_instance(&worker, "dies");
+
+    let metrics = wait_for_sample(
+        &worker,
+        port,
+        r#"orchestrator_reconciler_findings_total{kind="dead"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"orchestrator_apptainer_failures_total{subcommand="build"}"#
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"orchestrator_replies_total{op="start",status="500"}"#
+        ),
+        1.0
+    );
 }
