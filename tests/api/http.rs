@@ -263,3 +263,21 @@ async fn metrics_count_apptainer_failures_and_reconciler_findings() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn a_non_loopback_http_address_stops_the_worker_without_http_allow_remote() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_loopback_port();
+
+    let output = std::process::Command::new(crate::helpers::worker_bin())
+        .args(["--http-addr", &format!("0.0.0.0:{port}")])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("APPTAINER_BIN", crate::helpers::fake_bin())
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--http-allow-remote"), "{stderr}");
+}

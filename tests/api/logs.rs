@@ -89,3 +89,20 @@ async fn text_logs_off_a_terminal_have_no_colour_codes_and_name_the_request() {
     assert!(answered.contains("container=nobody"), "{answered}");
     assert!(answered.contains("status=404"), "{answered}");
 }
+
+#[tokio::test]
+async fn rust_log_chooses_what_is_logged() {
+    let worker = spawn_worker_with(WorkerOptions {
+        env: vec![("RUST_LOG".into(), "warn".into())],
+        ..WorkerOptions::default()
+    })
+    .await;
+
+    assert_eq!(worker.call(named("getcont", "quiet")).await.status, 404);
+
+    let log = worker.log();
+    assert!(
+        !log.contains("worker started") && !log.contains("request answered"),
+        "info lines are filtered out at RUST_LOG=warn:\n{log}"
+    );
+}
