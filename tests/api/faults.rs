@@ -77,7 +77,7 @@ fn record(reply: &schemas::Reply) -> schemas::ContainerRecord {
 }
 
 /// Kills an instance's monitor process with SIGKILL: the instance dies outside the orchestrator.
-fn kill_instance(worker: &TestWorker, name: &str) {
+pub(crate) fn kill_instance(worker: &TestWorker, name: &str) {
     let pattern = worker
         .dir
         .path()
@@ -368,7 +368,7 @@ async fn sigterm_lets_the_running_build_finish_and_the_queued_request_resumes_at
 }
 
 /// Closes the worker's broker connections from the broker's side.
-fn close_worker_connections(worker: &TestWorker) -> usize {
+pub(crate) fn close_worker_connections(worker: &TestWorker) -> usize {
     let output = Command::new("rabbitmqctl")
         .args(["-q", "list_connections", "pid", "client_properties"])
         .output()

@@ -460,3 +460,9 @@ pub async fn raw_client() -> RawClient {
         replies,
     }
 }
+
+/// A loopback port nothing listens on right now (bound, read, released).
+pub fn free_loopback_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}

@@ -6,12 +6,15 @@
 mod helpers;
 
 mod chaos;
+mod check;
 mod cli;
 mod compose;
 mod failures;
 mod faults;
+mod http;
 mod invalid_requests;
 mod lifecycle;
+mod logs;
 mod ordering;
 mod progress;
 mod recovery;

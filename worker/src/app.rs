@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
+use crate::http::Readiness;
 use crate::intake::{lane_of, Intake};
 use crate::ops::OpContext;
 use crate::outbox::{self, reconnect_backoff, Publisher};
@@ -37,6 +38,9 @@ pub struct Worker {
     broker: Broker,
     publisher: Arc<Publisher>,
     bind_roots: Vec<std::path::PathBuf>,
+    /// Bound in `build`, so a taken port fails the start instead of a later task.
+    http: Option<tokio::net::TcpListener>,
+    readiness: Readiness,
 }
 
 impl Worker {
@@ -44,6 +48,21 @@ impl Worker {
     /// and the topology is declared.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let node = settings.node_id();
+        let http_addr = settings
+            .http_listen_addr()
+            .map_err(anyhow::Error::msg)
+            .context("refusing the HTTP listener's address")?;
+        let http = match http_addr {
+            Some(addr) => {
+                crate::metrics::recorder();
+                Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("could not listen for HTTP on {addr}"))?,
+                )
+            }
+            None => None,
+        };
         for dir in [
             settings.data_dir.clone(),
             settings.images_dir(),
@@ -99,12 +118,17 @@ impl Worker {
             broker,
             publisher,
             bind_roots,
+            http,
+            readiness: Readiness::default(),
         })
     }
 
     /// Runs until `shutdown` resolves, then stops taking deliveries, lets running operations
     /// finish (up to the drain timeout), flushes the outbox and closes the connections.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -126,6 +150,19 @@ impl Worker {
             restore: self.settings.restore_policy == RestorePolicy::Restart,
         };
         let scheduler = Scheduler::new(executor, tracker.clone(), stop.clone());
+        let http_stop = CancellationToken::new();
+        let serving = self.http.take().map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+            }
+            tokio::spawn(crate::http::serve(
+                listener,
+                self.readiness.clone(),
+                self.store.clone(),
+                scheduler.clone(),
+                http_stop.clone(),
+            ))
+        });
         let outbox_stop = CancellationToken::new();
         let outbox_task = tokio::spawn(outbox::run(
             self.store.clone(),
@@ -178,7 +215,13 @@ impl Worker {
             stop: stop.clone(),
             abort: abort.clone(),
         };
-        let consuming = consume_until_cancelled(&self.broker, &intake, stop.clone(), &tracker);
+        let consuming = consume_until_cancelled(
+            &self.broker,
+            &intake,
+            &self.readiness,
+            stop.clone(),
+            &tracker,
+        );
         tokio::pin!(consuming);
         tokio::select! {
             () = shutdown => tracing::info!("shutdown requested; draining"),
@@ -215,6 +258,10 @@ impl Worker {
         let _ = outbox_task.await;
         outbox::flush(&self.store, &self.publisher, FINAL_FLUSH).await;
         self.publisher.close().await;
+        http_stop.cancel();
+        if let Some(serving) = serving {
+            let _ = serving.await;
+        }
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -235,6 +282,14 @@ impl Worker {
                 tracing::info!(seq = entry.seq, %intent, "resuming a request interrupted during {intent}");
             }
             debug_assert_eq!(lane_of(&request), entry.lane);
+            let span = tracing::info_span!(
+                "request",
+                seq = entry.seq,
+                op = %request.op(),
+                container = request.container_name().map(|n| n.to_string()),
+                node = %self.node,
+                resumed = true,
+            );
             scheduler.submit(
                 &entry.lane,
                 Job {
@@ -248,6 +303,7 @@ impl Worker {
                     // The wish for progress was not kept: a resumed request gets its final
                     // reply only.
                     progress: None,
+                    span,
                 },
             );
         }
@@ -260,14 +316,17 @@ impl Worker {
 async fn consume_until_cancelled(
     broker: &Broker,
     intake: &Intake,
+    readiness: &Readiness,
     stop: CancellationToken,
     tracker: &TaskTracker,
 ) {
     let mut delays = backon::BackoffBuilder::build(reconnect_backoff());
+    let mut subscribed_before = false;
     while !stop.is_cancelled() {
         let (connection, channel, mut consumer) = match broker.consume().await {
             Ok(parts) => parts,
             Err(e) => {
+                readiness.not_consuming(e.to_string());
                 let delay = delays.next().unwrap_or(Duration::from_secs(30));
                 tracing::warn!(error = %e, retry_in = ?delay, "could not subscribe to the request queue");
                 tokio::select! {
@@ -277,6 +336,11 @@ async fn consume_until_cancelled(
             }
         };
         delays = backon::BackoffBuilder::build(reconnect_backoff());
+        if subscribed_before {
+            metrics::counter!(crate::metrics::BROKER_RECONNECTS).increment(1);
+        }
+        subscribed_before = true;
+        readiness.consuming();
         tracing::info!(queue = %broker.request_queue, "consuming requests");
         loop {
             let next = tokio::select! {
@@ -287,15 +351,18 @@ async fn consume_until_cancelled(
                 Some(Ok(delivery)) => intake.handle(delivery).await,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "the request consumer failed; re-subscribing");
+                    readiness.not_consuming(format!("the request consumer failed: {e}"));
                     break;
                 }
                 None => {
                     tracing::warn!("the broker cancelled the request consumer; re-subscribing");
+                    readiness.not_consuming("the broker cancelled the request consumer");
                     break;
                 }
             }
         }
         if stop.is_cancelled() {
+            readiness.not_consuming("the worker is shutting down");
             let _ = channel
                 .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                 .await;

@@ -87,6 +87,18 @@ impl Broker {
         Ok(())
     }
 
+    /// Connects, declares the topology and disconnects: what `--check` asks of the broker.
+    pub async fn check(&self) -> Result<(), BrokerError> {
+        let connection = self.connect("check").await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(self.error("refused a channel"))?;
+        self.declare_topology(&channel).await?;
+        let _ = connection.close(200, "check done".into()).await;
+        Ok(())
+    }
+
     /// A consuming connection: topology declared, prefetch set, consumer registered with
     /// manual acknowledgements.
     pub async fn consume(&self) -> Result<(Connection, Channel, Consumer), BrokerError> {

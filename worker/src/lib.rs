@@ -13,10 +13,16 @@
 //! - [`outbox`]: confirmed publishing of replies;
 //! - [`reconciler`]: compares the records with the instances apptainer runs;
 //! - [`app`]: [`Worker`], which wires them together.
+//!
+//! Around them, for operators: [`check`] (`--check`), [`telemetry`] (logs), [`http`]
+//! (`/healthz`, `/readyz`, `/metrics`) and [`metrics`] (the names of what is counted).
 
 pub mod app;
 pub mod broker;
+pub mod check;
+pub mod http;
 pub mod intake;
+pub mod metrics;
 pub mod ops;
 pub mod outbox;
 pub mod progress;
@@ -26,6 +32,7 @@ pub mod runtime;
 pub mod scheduler;
 pub mod settings;
 pub mod store;
+pub mod telemetry;
 
 pub use app::Worker;
 pub use settings::Settings;

@@ -1,18 +1,21 @@
 //! `orchestrator-worker`: wiring only; everything else is in the library.
 
 use clap::Parser;
-use orchestrator_worker::{shutdown_signal, Settings, Worker};
-use tracing_subscriber::EnvFilter;
+use orchestrator_worker::{check, shutdown_signal, telemetry, Settings, Worker};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let settings = Settings::parse();
+    if settings.check {
+        let report = check::run(&settings).await;
+        println!("{report}");
+        return if report.passed() {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        };
+    }
+    telemetry::init(settings.log_format);
     let result = async {
         let worker = Worker::build(settings).await?;
         worker.run_until_stopped(shutdown_signal()).await

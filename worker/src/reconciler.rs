@@ -45,6 +45,7 @@ impl Reconciler {
                         kind: JobKind::Reconcile { name: name.clone() },
                         permit: None,
                         progress: None,
+                        span: tracing::info_span!("reconcile", container = %name),
                     },
                 );
                 findings.dead.push(name);
@@ -55,6 +56,10 @@ impl Reconciler {
                 findings.unknown.push(instance.name.clone());
             }
         }
+        metrics::counter!(crate::metrics::RECONCILER_FINDINGS, "kind" => "dead")
+            .increment(findings.dead.len() as u64);
+        metrics::counter!(crate::metrics::RECONCILER_FINDINGS, "kind" => "unknown")
+            .increment(findings.unknown.len() as u64);
         if !findings.dead.is_empty() {
             tracing::warn!(containers = ?findings.dead, "instances of running containers are gone");
         }

@@ -14,6 +14,7 @@ use schemas::{ErrorCode, Reply, Request};
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::ops::{self, Attempt, OpContext, OpError, Outcome};
 use crate::progress::Watcher;
@@ -31,6 +32,8 @@ pub struct Job {
     /// Where progress envelopes go, when the requester asked for them (writes only: a read
     /// has no stage after `queued`, which the intake sends).
     pub progress: Option<ReplyTarget>,
+    /// The request's span (correlation id, op, container, node): the job's logs carry it.
+    pub span: tracing::Span,
 }
 
 pub enum JobKind {
@@ -71,7 +74,12 @@ impl Executor {
             kind,
             permit: _permit,
             progress,
+            span,
         } = job;
+        self.run_kind(kind, progress).instrument(span).await
+    }
+
+    async fn run_kind(self: &Arc<Self>, kind: JobKind, progress: Option<ReplyTarget>) {
         match kind {
             JobKind::Write {
                 request,
@@ -101,6 +109,7 @@ impl Executor {
                     None => self.guarded(request.clone(), None).await,
                 };
                 let header = self.header(&request, received.elapsed().as_millis() as u64);
+                answered(&request, &outcome, header.duration_ms);
                 // The intake may have given up (shutdown); then the delivery is redelivered.
                 let _ = reply.send(header.finish(correlation_id.as_deref(), &outcome));
             }
@@ -149,6 +158,7 @@ impl Executor {
         self.ctx.progress.unwatch(seq);
         let duration = (now_ms() - received_ms).max(0) as u64;
         let header = self.header(&request, duration);
+        answered(&request, &outcome, duration);
         let change = outcome
             .as_ref()
             .map(|o| o.change.clone())
@@ -175,7 +185,8 @@ impl Executor {
     ) -> Result<Outcome, OpError> {
         let this = Arc::clone(self);
         let op = request.op();
-        match tokio::spawn(async move { ops::execute(&this.ctx, &request, attempt).await }).await {
+        let running = async move { ops::execute(&this.ctx, &request, attempt).await };
+        match tokio::spawn(running.instrument(tracing::Span::current())).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::error!(%op, error = %e, "an operation panicked");
@@ -195,6 +206,25 @@ impl Executor {
             duration_ms,
         }
     }
+}
+
+/// The reply status of an outcome.
+fn status_of(outcome: &Result<Outcome, OpError>) -> u16 {
+    match outcome {
+        Ok(outcome) => outcome.status,
+        Err(error) => error.code.status(),
+    }
+}
+
+/// Logs (in the request's span) how a request ended.
+fn answered(request: &Request, outcome: &Result<Outcome, OpError>, duration_ms: u64) {
+    let status = status_of(outcome);
+    tracing::info!(op = %request.op(), status, duration_ms, "request answered");
+    crate::metrics::replied(
+        Some(request.op()),
+        status,
+        Some(std::time::Duration::from_millis(duration_ms)),
+    );
 }
 
 /// The 504 of a request whose deadline passed before it could run.

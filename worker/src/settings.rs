@@ -2,6 +2,7 @@
 //!
 //! Parsing only; nothing here touches the broker, the disk or apptainer.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -113,6 +114,33 @@ pub struct Settings {
     /// How long a finished request's reply is kept to answer a redelivered duplicate, in hours.
     #[arg(long, env = "ORCHESTRATOR_DEDUPE_HOURS", default_value_t = 24)]
     pub dedupe_hours: u64,
+
+    /// Log lines on stderr: `text` for people (coloured only on a terminal), `json` for log
+    /// collectors (one object per line). `RUST_LOG` chooses what is logged.
+    #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Address of the HTTP listener serving /healthz, /readyz and /metrics (e.g.
+    /// 127.0.0.1:9464). Off when unset; only loopback addresses unless --http-allow-remote.
+    #[arg(long, env = "ORCHESTRATOR_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+
+    /// Let --http-addr be a non-loopback address. The endpoints have no authentication: expose
+    /// them only on a network where anyone who can reach them may read the metrics.
+    #[arg(long, env = "ORCHESTRATOR_HTTP_ALLOW_REMOTE")]
+    pub http_allow_remote: bool,
+
+    /// Check the settings, the broker, apptainer and the data directory, print one line per
+    /// check and exit: 0 when all pass, 1 otherwise. Nothing is consumed.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// See [`Settings::log_format`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// See [`Settings::restore_policy`].
@@ -169,6 +197,17 @@ impl Settings {
         Duration::from_secs(self.drain_timeout_secs)
     }
 
+    /// The HTTP listener's address, refused when it is not loopback and remote access was not
+    /// asked for.
+    pub fn http_listen_addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.http_addr {
+            Some(addr) if !addr.ip().is_loopback() && !self.http_allow_remote => Err(format!(
+                "--http-addr {addr} is not a loopback address; the endpoints have no authentication, so pass --http-allow-remote to serve them on other interfaces"
+            )),
+            addr => Ok(addr),
+        }
+    }
+
     /// The broker URL with its password replaced, for logs and error messages.
     pub fn redacted_amqp_url(&self) -> String {
         redact_url(&self.amqp_url)
@@ -211,5 +250,29 @@ mod tests {
             settings.bind_roots(),
             [PathBuf::from("/var/lib/apptainer-orchestrator/volumes")]
         );
+        assert_eq!(settings.log_format, LogFormat::Text);
+        assert_eq!(settings.http_listen_addr(), Ok(None));
+    }
+
+    #[test]
+    fn the_http_listener_stays_on_loopback_unless_remote_access_is_asked_for() {
+        let remote =
+            Settings::try_parse_from(["orchestrator-worker", "--http-addr", "0.0.0.0:9464"])
+                .unwrap();
+        assert!(remote
+            .http_listen_addr()
+            .unwrap_err()
+            .contains("--http-allow-remote"));
+        let allowed = Settings::try_parse_from([
+            "orchestrator-worker",
+            "--http-addr",
+            "0.0.0.0:9464",
+            "--http-allow-remote",
+        ])
+        .unwrap();
+        assert!(allowed.http_listen_addr().unwrap().is_some());
+        let local =
+            Settings::try_parse_from(["orchestrator-worker", "--http-addr", "[::1]:9464"]).unwrap();
+        assert!(local.http_listen_addr().unwrap().is_some());
     }
 }

@@ -391,6 +391,22 @@ impl Store {
         .await
     }
 
+    /// How many requests are accepted but unfinished (the inbox), and how many replies wait to
+    /// be published (the outbox).
+    pub async fn depths(&self) -> StoreResult<(u64, u64)> {
+        self.with(|conn| {
+            let inbox: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM requests WHERE state != 'done'",
+                [],
+                |row| row.get(0),
+            )?;
+            let outbox: i64 =
+                conn.query_row("SELECT COUNT(*) FROM outbox", [], |row| row.get(0))?;
+            Ok((inbox as u64, outbox as u64))
+        })
+        .await
+    }
+
     /// Writes and commits a row: succeeds only when the database accepts writes.
     pub async fn probe_writable(&self) -> StoreResult<()> {
         self.with(|conn| {

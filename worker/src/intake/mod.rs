@@ -23,6 +23,7 @@ use schemas::{ErrorCode, Op, Request, Stage, PROGRESS_HEADER};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::outbox::Publisher;
 use crate::progress::{Progress, Watcher};
@@ -160,10 +161,31 @@ enum Decoded {
 impl Intake {
     /// Handles one delivery. Errors are logged here; the delivery is then either acknowledged
     /// (its outcome is safe) or left to the broker.
+    ///
+    /// Everything logged about the request, here and in its lane, carries one `request` span:
+    /// correlation id, op, container name and node. The body itself is never logged.
     pub async fn handle(&self, delivery: Delivery) {
+        let span = tracing::info_span!(
+            "request",
+            correlation_id = tracing::field::Empty,
+            op = tracing::field::Empty,
+            container = tracing::field::Empty,
+            node = %self.node,
+            redelivered = delivery.redelivered,
+        );
+        if let Some(correlation_id) = delivery.properties.correlation_id() {
+            span.record("correlation_id", correlation_id.as_str());
+        }
+        self.handle_in_span(delivery, &span)
+            .instrument(span.clone())
+            .await
+    }
+
+    async fn handle_in_span(&self, delivery: Delivery, span: &tracing::Span) {
         let received = Instant::now();
         let envelope = Envelope::read(&delivery, &self.default_reply_queue);
         if delivery.redelivered {
+            metrics::counter!(crate::metrics::REDELIVERIES).increment(1);
             let key = envelope.identity.clone();
             let Some(count) = self
                 .until_stored(|| self.store.count_redelivery(key.clone()))
@@ -186,6 +208,29 @@ impl Intake {
             },
             Ok(_) => self.decode(&delivery.data),
         };
+        crate::metrics::request_received(match &decoded {
+            Decoded::Valid(request) => Some(request.op()),
+            Decoded::Invalid { op, .. } => *op,
+        });
+        match &decoded {
+            Decoded::Valid(request) => {
+                span.record("op", tracing::field::display(request.op()));
+                if let Some(name) = request.container_name() {
+                    span.record("container", tracing::field::display(name));
+                }
+            }
+            Decoded::Invalid {
+                op, container_name, ..
+            } => {
+                if let Some(op) = op {
+                    span.record("op", tracing::field::display(op));
+                }
+                if let Some(name) = container_name {
+                    span.record("container", name.as_str());
+                }
+            }
+        }
+        tracing::debug!(body = %String::from_utf8_lossy(&delivery.data), "request received");
         match decoded {
             Decoded::Invalid {
                 code,
@@ -193,7 +238,8 @@ impl Intake {
                 op,
                 container_name,
             } => {
-                tracing::info!(correlation_id = ?envelope.target.correlation_id, %message, "invalid request refused");
+                tracing::info!(%message, "invalid request refused");
+                crate::metrics::replied(op, code.status(), None);
                 let header = ReplyHeader {
                     node: self.node.clone(),
                     op,
@@ -299,6 +345,7 @@ impl Intake {
                 .filter(|n| schemas::ContainerName::parse(n).is_ok()),
             duration_ms: received.elapsed().as_millis() as u64,
         };
+        crate::metrics::replied(header.op, ErrorCode::Internal.status(), None);
         let reply = header.error(
             envelope.target.correlation_id.as_deref(),
             ErrorCode::Internal,
@@ -402,17 +449,20 @@ impl Intake {
             },
             permit: Some(permit),
             progress: None,
+            span: tracing::Span::current(),
         };
         self.scheduler.submit(&lane, job);
         let publisher = Arc::clone(&self.publisher);
         let abort = self.abort.clone();
-        self.tracker.spawn(async move {
+        let answering = async move {
             // No reply means shutdown dropped the job; the broker redelivers it once the
             // channel closes.
             if let Ok(reply) = reply_rx.await {
                 publish_then_ack(&publisher, &abort, delivery, target, to_body(&reply)).await
             }
-        });
+        };
+        self.tracker
+            .spawn(answering.instrument(tracing::Span::current()));
     }
 
     async fn accept_write(&self, delivery: Delivery, request: Request, envelope: Envelope) {
@@ -443,6 +493,7 @@ impl Intake {
             None => return,
             Some(Accepted::New { seq }) => seq,
             Some(Accepted::AlreadyQueued { seq }) => {
+                metrics::counter!(crate::metrics::DUPLICATES_SUPPRESSED).increment(1);
                 tracing::info!(
                     seq,
                     key,
@@ -452,6 +503,7 @@ impl Intake {
                 return;
             }
             Some(Accepted::AlreadyAnswered { seq }) => {
+                metrics::counter!(crate::metrics::DUPLICATES_SUPPRESSED).increment(1);
                 tracing::info!(
                     seq,
                     key,
@@ -477,6 +529,7 @@ impl Intake {
             },
             permit: Some(permit),
             progress,
+            span: tracing::Span::current(),
         };
         self.scheduler.submit(&lane, job);
     }

@@ -80,6 +80,7 @@ impl Output {
     }
 
     fn failed(&self, command: &'static str) -> RuntimeError {
+        count_failure(command);
         RuntimeError::Failed {
             command,
             exit: self.exit_label(),
@@ -134,6 +135,8 @@ impl Apptainer {
             .acquire()
             .await
             .expect("the apptainer semaphore is never closed");
+        metrics::counter!(crate::metrics::APPTAINER_INVOCATIONS, "subcommand" => command)
+            .increment(1);
         let mut child = Command::new(&self.program)
             .args(args)
             .env_clear()
@@ -144,10 +147,13 @@ impl Apptainer {
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| RuntimeError::Spawn {
-                command,
-                program: self.program.display().to_string(),
-                reason: e.to_string(),
+            .map_err(|e| {
+                count_failure(command);
+                RuntimeError::Spawn {
+                    command,
+                    program: self.program.display().to_string(),
+                    reason: e.to_string(),
+                }
             })?;
         let group = child.id();
         let _record = group.map(|pid| self.children.record(pid));
@@ -163,6 +169,7 @@ impl Apptainer {
                 if let Some(group) = group {
                     kill_group(group);
                 }
+                count_failure(command);
                 return Err(RuntimeError::Timeout {
                     command,
                     after: timeout,
@@ -207,6 +214,11 @@ impl Apptainer {
             })
             .collect())
     }
+}
+
+/// Counts a failed call in [`crate::metrics::APPTAINER_FAILURES`].
+fn count_failure(command: &'static str) {
+    metrics::counter!(crate::metrics::APPTAINER_FAILURES, "subcommand" => command).increment(1);
 }
 
 /// Output of a pipe, read in the background so a full pipe never blocks the child.
