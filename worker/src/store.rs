@@ -183,6 +183,25 @@ impl Store {
         })
     }
 
+    /// Registers many containers in one transaction, blocking the calling thread: the bulk path
+    /// that seeds a store before a worker opens it (`orchestrator-bench` seeds 100,000 containers
+    /// this way). Rows are written exactly as a finished `start` writes them; an existing name is
+    /// replaced. Returns how many rows were written.
+    pub fn put_containers_blocking(
+        &self,
+        rows: impl IntoIterator<Item = ContainerRow>,
+    ) -> StoreResult<usize> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction()?;
+        let mut written = 0;
+        for row in rows {
+            apply_change(&tx, &Change::Put(row))?;
+            written += 1;
+        }
+        tx.commit()?;
+        Ok(written)
+    }
+
     /// Runs `f` with the connection on the blocking pool.
     async fn with<T, F>(&self, f: F) -> StoreResult<T>
     where
@@ -635,6 +654,38 @@ mod tests {
         let reply = |c: &str| serde_json::json!({ "correlation_id": c, "status": 201 }).to_string();
         assert_eq!(bodies, [reply("c1"), reply("c2"), reply("c3")]);
         assert!(store.unfinished().await.unwrap().is_empty());
+    }
+
+    fn stopped(name: &str) -> ContainerRow {
+        ContainerRow {
+            name: name.into(),
+            image: "jupyter/base-notebook".into(),
+            distributor: "docker".into(),
+            os: "jupyter/base-notebook".into(),
+            version: "latest".into(),
+            command: vec!["jupyter lab".into()],
+            environment: BTreeMap::new(),
+            volume_name: None,
+            binds: BTreeMap::new(),
+            image_path: format!("/images/{name}"),
+            active: false,
+            ip: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn bulk_seeded_containers_read_back_like_started_ones() {
+        let (_dir, store) = open().await;
+        let rows: Vec<ContainerRow> = (0..1000).map(|i| stopped(&format!("nb{i}"))).collect();
+        assert_eq!(store.put_containers_blocking(rows).unwrap(), 1000);
+
+        assert_eq!(
+            store.container("nb999").await.unwrap(),
+            Some(stopped("nb999"))
+        );
+        let (page, total) = store.containers_page(1, 2).await.unwrap();
+        assert_eq!(total, 1000);
+        assert_eq!(page, [stopped("nb0"), stopped("nb1")]);
     }
 
     #[tokio::test]
