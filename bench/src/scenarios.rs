@@ -38,11 +38,11 @@ pub struct Sizes {
 impl Sizes {
     pub fn full() -> Self {
         Self {
-            overhead: vec![(1, 1000), (16, 4000), (128, 6000)],
-            writes: vec![(16, 800), (128, 1500)],
+            overhead: vec![(1, 600), (16, 3000), (128, 5000)],
+            writes: vec![(16, 600), (128, 1200)],
             rounds: 2,
             warmup: 200,
-            measure_limit: Duration::from_secs(20),
+            measure_limit: Duration::from_secs(8),
             parallel_starts: 200,
             parallel_build_ms: 200,
             parallel_concurrency: vec![1, 2, 4, 8],
