@@ -82,6 +82,8 @@ pub struct Env {
 /// Containers seeded for the overhead, writes and head-of-line scenarios: one per task at the
 /// highest in-flight count, so concurrent requests never queue behind each other in one lane.
 const SEEDED_FOR_LOAD: usize = 128;
+/// `--concurrency` of the workers under request load: the worker's default.
+const LOAD_CONCURRENCY: u32 = 4;
 /// The bind used by the writes scenario, inside the container.
 const BIND_TARGET: &str = "/mnt/data";
 
@@ -189,7 +191,7 @@ struct Pair {
 async fn pair(env: &Env, label: &str) -> anyhow::Result<Pair> {
     let dir = env.work_dir.join(label);
     procs::seed(&dir, SEEDED_FOR_LOAD)?;
-    let (worker, worker_client, _) = started_worker(env, label, plain(4)).await?;
+    let (worker, worker_client, _) = started_worker(env, label, plain(LOAD_CONCURRENCY)).await?;
     let echo_queue = format!("bench.{label}.{}.echo", uuid::Uuid::new_v4().simple());
     // The worker's default prefetch, so both consumers have as many deliveries in hand.
     let echo = Echo::start(&env.amqp_url, &echo_queue, 64).await?;
@@ -213,7 +215,8 @@ impl Pair {
     }
 
     /// Warms both up, then measures `tickets` of `script` at `in_flight` on both, side by side;
-    /// failed requests go into `report`.
+    /// failed requests go into `report`. Also returns the time fake-apptainer spent in the calls
+    /// the worker made during the measured rounds.
     async fn measure<S>(
         &self,
         env: &Env,
@@ -221,7 +224,7 @@ impl Pair {
         in_flight: usize,
         tickets: usize,
         script: S,
-    ) -> (Sample, Sample)
+    ) -> ((Sample, Sample), Duration)
     where
         S: Fn(usize, usize) -> Vec<Step> + Clone + Send + Sync + 'static,
     {
@@ -233,10 +236,12 @@ impl Pair {
         let (e, w) = (&self.echo_client, &self.worker_client);
         side_by_side(e, w, bounds, 1, script.clone()).await;
         let bounds = Bounds { tickets, ..bounds };
+        let before = fake_call_time(&self.worker.dir).0;
         let (e, w) = side_by_side(e, w, bounds, env.sizes.rounds, script).await;
+        let apptainer = fake_call_time(&self.worker.dir).0.saturating_sub(before);
         check(report, &format!("echo at {in_flight}"), &e);
         check(report, &format!("worker at {in_flight}"), &w);
-        (e, w)
+        ((e, w), apptainer)
     }
 }
 
@@ -280,7 +285,7 @@ pub async fn overhead(env: &Env) -> anyhow::Result<ScenarioReport> {
     let p = pair(env, "overhead").await?;
     let script = |task: usize, _ticket: usize| vec![getcont(&procs::seeded_name(task))];
     for &(in_flight, requests) in &env.sizes.overhead {
-        let measured = p
+        let (measured, _) = p
             .measure(env, &mut report, in_flight, requests, script)
             .await;
         let at_128 = in_flight == 128;
@@ -303,16 +308,24 @@ pub async fn writes(env: &Env) -> anyhow::Result<ScenarioReport> {
     let host = p.host_dir.clone();
     let script = move |task: usize, _ticket: usize| volume_pair(&procs::seeded_name(task), &host);
     for &(in_flight, pairs) in &env.sizes.writes {
-        let measured = p
+        let (measured, apptainer) = p
             .measure(env, &mut report, in_flight, pairs, script.clone())
             .await;
+        let case = format!("{in_flight} in flight");
+        // createvolume runs `apptainer exec IMAGE test -d`; near 1 means the worker's apptainer
+        // slots (--concurrency) were busy all the time, and they are what limits the rate.
+        let busy = ratio(
+            apptainer.as_secs_f64(),
+            measured.1.wall.as_secs_f64() * f64::from(LOAD_CONCURRENCY),
+        );
         compare(
             &mut report,
-            &format!("{in_flight} in flight"),
+            &case,
             measured,
             (in_flight == 128).then_some(Target::AtLeast(0.3)),
             None,
         );
+        report.push(Figure::new(&case, "apptainer slots busy share", busy));
     }
     p.stop(&env.amqp_url).await?;
     Ok(report)
