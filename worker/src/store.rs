@@ -89,6 +89,9 @@ const MIGRATIONS: &[&str] = &[
 "#,
 ];
 
+/// How many prepared statements a connection keeps (the store uses about twenty).
+const STATEMENT_CACHE: usize = 64;
+
 /// Errors of the store. All of them mean "the state could not be read or recorded"; callers
 /// must not acknowledge work they could not record.
 #[derive(Debug, thiserror::Error)]
@@ -195,10 +198,31 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Room for every statement the store prepares, so none is compiled twice.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&mut conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
+    }
+
+    /// Registers many containers in one transaction, blocking the calling thread: the bulk path
+    /// that seeds a store before a worker opens it (`orchestrator-bench` seeds 100,000 containers
+    /// this way). Rows are written exactly as a finished `start` writes them; an existing name is
+    /// replaced. Returns how many rows were written.
+    pub fn put_containers_blocking(
+        &self,
+        rows: impl IntoIterator<Item = ContainerRow>,
+    ) -> StoreResult<usize> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction()?;
+        let mut written = 0;
+        for row in rows {
+            apply_change(&tx, &Change::Put(row))?;
+            written += 1;
+        }
+        tx.commit()?;
+        Ok(written)
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -228,11 +252,10 @@ impl Store {
         self.with(move |conn| {
             let tx = conn.transaction()?;
             let seen: Option<(i64, String, Option<String>)> = tx
-                .query_row(
+                .prepare_cached(
                     "SELECT seq, state, reply FROM requests WHERE idempotency_key = ?1",
-                    [&key],
-                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-                )
+                )?
+                .query_row([&key], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
                 .optional()?;
             let accepted = match seen {
                 Some((seq, state, Some(reply))) if state == "done" => {
@@ -245,12 +268,18 @@ impl Store {
                     Accepted::AlreadyQueued { seq }
                 }
                 None => {
-                    tx.execute(
+                    tx.prepare_cached(
                         "INSERT INTO requests
                          (idempotency_key, lane, body, state, received_ms, deadline_ms)
                          VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
-                        params![key, lane, body, now_ms(), deadline_ms],
-                    )?;
+                    )?
+                    .execute(params![
+                        key,
+                        lane,
+                        body,
+                        now_ms(),
+                        deadline_ms
+                    ])?;
                     let seq = tx.last_insert_rowid();
                     insert_waiter(&tx, seq, &target)?;
                     Accepted::New { seq }
@@ -266,10 +295,10 @@ impl Store {
     /// every step that changes the host, so recovery knows the step may have happened.
     pub async fn record_intent(&self, seq: i64, intent: &'static str) -> StoreResult<()> {
         self.with(move |conn| {
-            conn.execute(
+            conn.prepare_cached(
                 "UPDATE requests SET state = 'running', intent = ?2 WHERE seq = ?1",
-                params![seq, intent],
-            )?;
+            )?
+            .execute(params![seq, intent])?;
             Ok(())
         })
         .await
@@ -279,12 +308,12 @@ impl Store {
     /// more means an earlier run was interrupted and its side effects may be on the host).
     pub async fn begin_attempt(&self, seq: i64) -> StoreResult<u32> {
         self.with(move |conn| {
-            let attempts = conn.query_row(
-                "UPDATE requests SET state = 'running', attempts = attempts + 1 WHERE seq = ?1
-                 RETURNING attempts",
-                [seq],
-                |row| row.get(0),
-            )?;
+            let attempts = conn
+                .prepare_cached(
+                    "UPDATE requests SET state = 'running', attempts = attempts + 1 WHERE seq = ?1
+                     RETURNING attempts",
+                )?
+                .query_row([seq], |row| row.get(0))?;
             Ok(attempts)
         })
         .await
@@ -301,7 +330,7 @@ impl Store {
             let tx = conn.transaction()?;
             apply_change(&tx, &change)?;
             let waiters = {
-                let mut stmt = tx.prepare(
+                let mut stmt = tx.prepare_cached(
                     "SELECT reply_to, correlation_id FROM request_waiters WHERE seq = ?1",
                 )?;
                 let rows = stmt.query_map([seq], |row| {
@@ -316,12 +345,17 @@ impl Store {
             for waiter in &waiters {
                 insert_outbox(&tx, waiter, &reply_for(waiter.correlation_id.as_deref()))?;
             }
-            tx.execute("DELETE FROM request_waiters WHERE seq = ?1", [seq])?;
-            tx.execute(
+            tx.prepare_cached("DELETE FROM request_waiters WHERE seq = ?1")?
+                .execute([seq])?;
+            tx.prepare_cached(
                 "UPDATE requests SET state = 'done', intent = NULL, finished_ms = ?2, reply = ?3
                  WHERE seq = ?1",
-                params![seq, now_ms(), reply_for(first_correlation.as_deref())],
-            )?;
+            )?
+            .execute(params![
+                seq,
+                now_ms(),
+                reply_for(first_correlation.as_deref())
+            ])?;
             tx.commit()?;
             Ok(())
         })
@@ -457,11 +491,10 @@ impl Store {
     pub async fn container(&self, name: &str) -> StoreResult<Option<ContainerRow>> {
         let name = name.to_owned();
         self.with(move |conn| {
-            conn.query_row(
-                &format!("SELECT {CONTAINER_COLUMNS} FROM containers WHERE name = ?1"),
-                [name],
-                container_from_row,
-            )
+            conn.prepare_cached(&format!(
+                "SELECT {CONTAINER_COLUMNS} FROM containers WHERE name = ?1"
+            ))?
+            .query_row([name], container_from_row)
             .optional()?
             .transpose()
         })
@@ -494,11 +527,10 @@ impl Store {
         let name = name.to_owned();
         self.with(move |conn| {
             Ok(conn
-                .query_row(
+                .prepare_cached(
                     "SELECT name, image, image_path FROM leftover_data WHERE name = ?1",
-                    [name],
-                    leftover_from_row,
-                )
+                )?
+                .query_row([name], leftover_from_row)
                 .optional()?)
         })
         .await
@@ -611,27 +643,27 @@ fn apply_change(tx: &Transaction<'_>, change: &Change) -> StoreResult<()> {
     match change {
         Change::Nothing => {}
         Change::Put(c) => {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT OR REPLACE INTO containers
                  (name, image, distributor, os, version, command, environment, volume_name, binds,
                   image_path, active, ip, updated_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![
-                    c.name,
-                    c.image,
-                    c.distributor,
-                    c.os,
-                    c.version,
-                    serde_json::to_string(&c.command)?,
-                    serde_json::to_string(&c.environment)?,
-                    c.volume_name,
-                    serde_json::to_string(&c.binds)?,
-                    c.image_path,
-                    c.active,
-                    c.ip,
-                    now_ms()
-                ],
-            )?;
+            )?
+            .execute(params![
+                c.name,
+                c.image,
+                c.distributor,
+                c.os,
+                c.version,
+                serde_json::to_string(&c.command)?,
+                serde_json::to_string(&c.environment)?,
+                c.volume_name,
+                serde_json::to_string(&c.binds)?,
+                c.image_path,
+                c.active,
+                c.ip,
+                now_ms()
+            ])?;
         }
         Change::Unregister(left) => {
             tx.execute("DELETE FROM containers WHERE name = ?1", [&left.name])?;
@@ -659,18 +691,16 @@ fn with_correlation_id(reply: &str, correlation_id: Option<&str>) -> StoreResult
 }
 
 fn insert_waiter(tx: &Transaction<'_>, seq: i64, target: &ReplyTarget) -> rusqlite::Result<()> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO request_waiters (seq, reply_to, correlation_id) VALUES (?1, ?2, ?3)",
-        params![seq, target.reply_to, target.correlation_id],
-    )?;
+    )?
+    .execute(params![seq, target.reply_to, target.correlation_id])?;
     Ok(())
 }
 
 fn insert_outbox(tx: &Transaction<'_>, target: &ReplyTarget, body: &str) -> rusqlite::Result<()> {
-    tx.execute(
-        "INSERT INTO outbox (reply_to, correlation_id, body) VALUES (?1, ?2, ?3)",
-        params![target.reply_to, target.correlation_id, body],
-    )?;
+    tx.prepare_cached("INSERT INTO outbox (reply_to, correlation_id, body) VALUES (?1, ?2, ?3)")?
+        .execute(params![target.reply_to, target.correlation_id, body])?;
     Ok(())
 }
 
@@ -736,6 +766,38 @@ mod tests {
         let reply = |c: &str| serde_json::json!({ "correlation_id": c, "status": 201 }).to_string();
         assert_eq!(bodies, [reply("c1"), reply("c2"), reply("c3")]);
         assert!(store.unfinished().await.unwrap().is_empty());
+    }
+
+    fn stopped(name: &str) -> ContainerRow {
+        ContainerRow {
+            name: name.into(),
+            image: "jupyter/base-notebook".into(),
+            distributor: "docker".into(),
+            os: "jupyter/base-notebook".into(),
+            version: "latest".into(),
+            command: vec!["jupyter lab".into()],
+            environment: BTreeMap::new(),
+            volume_name: None,
+            binds: BTreeMap::new(),
+            image_path: format!("/images/{name}"),
+            active: false,
+            ip: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn bulk_seeded_containers_read_back_like_started_ones() {
+        let (_dir, store) = open().await;
+        let rows: Vec<ContainerRow> = (0..1000).map(|i| stopped(&format!("nb{i}"))).collect();
+        assert_eq!(store.put_containers_blocking(rows).unwrap(), 1000);
+
+        assert_eq!(
+            store.container("nb999").await.unwrap(),
+            Some(stopped("nb999"))
+        );
+        let (page, total) = store.containers_page(1, 2).await.unwrap();
+        assert_eq!(total, 1000);
+        assert_eq!(page, [stopped("nb0"), stopped("nb1")]);
     }
 
     #[tokio::test]

@@ -1,0 +1,179 @@
+//! The baseline: a bare echo responder written directly on lapin, the least any consumer of
+//! these requests must do. It consumes the same request bodies from its own durable queue with
+//! the worker's prefetch and manual acks, decodes each request, publishes a reply of the
+//! worker's shape and size (persistent, `mandatory`, confirmed) on a second connection, and
+//! acknowledges the delivery once the broker has confirmed the reply. It keeps no state.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use schemas::{BindsResult, ContainerRecord, Op, Reply, ReplyResult, Request};
+use tokio::task::JoinHandle;
+
+pub struct Echo {
+    pub queue: String,
+    consumer: Connection,
+    publisher: Connection,
+    task: JoinHandle<()>,
+}
+
+impl Echo {
+    /// Declares `queue` (durable, like the worker's) and starts answering it.
+    pub async fn start(amqp_url: &str, queue: &str, prefetch: u16) -> anyhow::Result<Self> {
+        let consumer = Connection::connect(amqp_url, ConnectionProperties::default())
+            .await
+            .context("the echo responder could not reach the broker")?;
+        let publisher = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+        let channel = consumer.create_channel().await?;
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let mut deliveries = channel
+            .basic_consume(
+                queue.into(),
+                "orchestrator-bench-echo".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let replies = publisher.create_channel().await?;
+        replies
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let task = tokio::spawn(async move {
+            // Prefetch bounds the deliveries, and so the tasks, in flight.
+            while let Some(Ok(delivery)) = deliveries.next().await {
+                let replies = replies.clone();
+                tokio::spawn(async move {
+                    let reply_to = delivery
+                        .properties
+                        .reply_to()
+                        .as_ref()
+                        .map(|q| q.as_str().to_owned())
+                        .unwrap_or_default();
+                    let correlation_id = delivery
+                        .properties
+                        .correlation_id()
+                        .as_ref()
+                        .map(|c| c.as_str().to_owned());
+                    let body = reply_body(&delivery.data, correlation_id.clone());
+                    if publish(&replies, &reply_to, correlation_id, &body)
+                        .await
+                        .is_ok()
+                    {
+                        let _ = delivery.ack(BasicAckOptions::default()).await;
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            queue: queue.to_owned(),
+            consumer,
+            publisher,
+            task,
+        })
+    }
+
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.consumer.close(200, "bench done".into()).await;
+        let _ = self.publisher.close(200, "bench done".into()).await;
+    }
+}
+
+async fn publish(
+    channel: &Channel,
+    reply_to: &str,
+    correlation_id: Option<String>,
+    body: &[u8],
+) -> Result<(), lapin::Error> {
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    if let Some(correlation) = correlation_id {
+        properties = properties.with_correlation_id(correlation.into());
+    }
+    channel
+        .basic_publish(
+            "".into(),
+            reply_to.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await?
+        .await?;
+    Ok(())
+}
+
+/// A reply of the shape and size the worker sends for the same request.
+fn reply_body(request: &[u8], correlation_id: Option<String>) -> Vec<u8> {
+    let request: Option<Request> = serde_json::from_slice(request).ok();
+    let op = request.as_ref().map(Request::op);
+    let name = request
+        .as_ref()
+        .and_then(|r| r.container_name())
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    let result = match &request {
+        Some(Request::Createvolume(v)) | Some(Request::Deletevolume(v)) => {
+            let mut binds = BTreeMap::new();
+            if matches!(op, Some(Op::Createvolume)) {
+                binds.insert(v.host_location.clone(), v.container_location.clone());
+            }
+            Some(ReplyResult::Binds(BindsResult {
+                container_name: name.clone(),
+                binds,
+            }))
+        }
+        Some(_) => Some(ReplyResult::Container(ContainerRecord {
+            container_name: name.clone(),
+            container_active: false,
+            container_ip: String::new(),
+            container_image: "jupyter/base-notebook".into(),
+            image_distributor: "docker".into(),
+            image_os: "jupyter/base-notebook".into(),
+            image_version: "latest".into(),
+            binds: BTreeMap::new(),
+            volume_name: None,
+        })),
+        None => None,
+    };
+    let reply = Reply {
+        v: 1,
+        correlation_id,
+        op,
+        container_name: Some(name),
+        status: 200,
+        ok: true,
+        is_final: true,
+        stage: None,
+        position: None,
+        result,
+        error: None,
+        warnings: Vec::new(),
+        node: "echo".into(),
+        duration_ms: 0,
+    };
+    serde_json::to_vec(&reply).expect("a reply always serialises")
+}

@@ -1,0 +1,601 @@
+//! The five scenarios of issue 6. Each one is bounded in request count and in time, talks only
+//! to the broker given on the command line, and returns its figures; sizes come from [`Sizes`]
+//! (full or smoke).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use orchestrator_producer::{Client, Publish};
+use serde_json::json;
+
+use crate::echo::Echo;
+use crate::load::{self, Bounds, Sample, Step};
+use crate::procs::{self, Binaries, WorkerProcess, WorkerSpec};
+use crate::report::{Figure, ScenarioReport, Target};
+
+/// How big each scenario is.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    /// (requests in flight, getcont requests per measurement)
+    pub overhead: Vec<(usize, usize)>,
+    /// (requests in flight, createvolume/deletevolume pairs per measurement)
+    pub writes: Vec<(usize, usize)>,
+    /// Alternating rounds of echo and worker per measurement.
+    pub rounds: usize,
+    pub warmup: usize,
+    pub measure_limit: Duration,
+    pub parallel_starts: usize,
+    pub parallel_build_ms: u64,
+    pub parallel_concurrency: Vec<u32>,
+    pub hol_requests: usize,
+    pub scale_counts: Vec<usize>,
+    pub scale_getcont: usize,
+    pub scale_pages: usize,
+}
+
+impl Sizes {
+    pub fn full() -> Self {
+        Self {
+            overhead: vec![(1, 600), (16, 3000), (128, 5000)],
+            writes: vec![(16, 600), (128, 1200)],
+            rounds: 2,
+            warmup: 200,
+            measure_limit: Duration::from_secs(8),
+            parallel_starts: 200,
+            parallel_build_ms: 200,
+            parallel_concurrency: vec![1, 2, 4, 8],
+            hol_requests: 3000,
+            scale_counts: vec![1_000, 10_000, 100_000],
+            scale_getcont: 1000,
+            scale_pages: 20,
+        }
+    }
+
+    pub fn smoke() -> Self {
+        Self {
+            overhead: vec![(1, 20), (16, 64), (128, 128)],
+            writes: vec![(16, 16), (128, 128)],
+            rounds: 1,
+            warmup: 5,
+            measure_limit: Duration::from_secs(10),
+            parallel_starts: 6,
+            parallel_build_ms: 50,
+            parallel_concurrency: vec![1, 2],
+            hol_requests: 100,
+            scale_counts: vec![100, 1_000],
+            scale_getcont: 30,
+            scale_pages: 3,
+        }
+    }
+}
+
+/// What every scenario needs.
+pub struct Env {
+    pub amqp_url: String,
+    pub bins: Binaries,
+    pub work_dir: std::path::PathBuf,
+    pub sizes: Sizes,
+}
+
+/// Containers seeded for the overhead, writes and head-of-line scenarios: one per task at the
+/// highest in-flight count, so concurrent requests never queue behind each other in one lane.
+const SEEDED_FOR_LOAD: usize = 128;
+/// `--concurrency` of the workers under request load: the worker's default.
+const LOAD_CONCURRENCY: u32 = 4;
+/// The bind used by the writes scenario, inside the container.
+const BIND_TARGET: &str = "/mnt/data";
+
+fn getcont(name: &str) -> Step {
+    Step {
+        body: json!({"op": "getcont", "container_name": name})
+            .to_string()
+            .into_bytes(),
+        expect: 200,
+    }
+}
+
+fn volume_pair(name: &str, host: &str) -> Vec<Step> {
+    let body = |op: &str| {
+        json!({"op": op, "container_name": name, "host_location": host,
+               "container_location": BIND_TARGET})
+        .to_string()
+        .into_bytes()
+    };
+    vec![
+        Step {
+            body: body("createvolume"),
+            expect: 200,
+        },
+        Step {
+            body: body("deletevolume"),
+            expect: 200,
+        },
+    ]
+}
+
+fn check(report: &mut ScenarioReport, what: &str, sample: &Sample) {
+    if sample.failures > 0 {
+        report.failures.push(format!(
+            "{what}: {} of {} requests failed: {:?}",
+            sample.failures, sample.requests, sample.failure_reasons
+        ));
+    }
+}
+
+fn ratio(numerator: f64, denominator: f64) -> f64 {
+    if denominator > 0.0 {
+        numerator / denominator
+    } else {
+        f64::NAN
+    }
+}
+
+/// Runs `bounds` against the echo responder and the worker in alternating rounds (echo first),
+/// so that both see the same machine load; returns (echo, worker).
+async fn side_by_side<S>(
+    echo: &Arc<Client>,
+    worker: &Arc<Client>,
+    bounds: Bounds,
+    rounds: usize,
+    script: S,
+) -> (Sample, Sample)
+where
+    S: Fn(usize, usize) -> Vec<Step> + Clone + Send + Sync + 'static,
+{
+    let (mut e, mut w) = (Sample::default(), Sample::default());
+    for _ in 0..rounds {
+        e.merge(load::run(echo, bounds, script.clone()).await);
+        w.merge(load::run(worker, bounds, script.clone()).await);
+    }
+    (e, w)
+}
+
+/// Starts a worker in `work_dir/label` and waits until it consumes; returns it, a client on
+/// its queue, and how long it took from spawning to consuming.
+async fn started_worker(
+    env: &Env,
+    label: &str,
+    spec: WorkerSpec,
+) -> anyhow::Result<(WorkerProcess, Arc<Client>, Duration)> {
+    let spawned = Instant::now();
+    let mut worker = WorkerProcess::spawn(
+        &env.bins,
+        &env.amqp_url,
+        &env.work_dir.join(label),
+        label,
+        &spec,
+    )?;
+    let startup = worker.wait_until_consuming(spawned).await?;
+    let client = Arc::new(Client::connect(&env.amqp_url, &worker.queue).await?);
+    Ok((worker, client, startup))
+}
+
+fn plain(concurrency: u32) -> WorkerSpec {
+    WorkerSpec {
+        concurrency,
+        env: vec![],
+    }
+}
+
+/// One worker with [`SEEDED_FOR_LOAD`] stopped containers, and an echo responder beside it.
+struct Pair {
+    worker: WorkerProcess,
+    echo: Echo,
+    worker_client: Arc<Client>,
+    echo_client: Arc<Client>,
+    host_dir: String,
+}
+
+async fn pair(env: &Env, label: &str) -> anyhow::Result<Pair> {
+    let dir = env.work_dir.join(label);
+    procs::seed(&dir, SEEDED_FOR_LOAD)?;
+    let (worker, worker_client, _) = started_worker(env, label, plain(LOAD_CONCURRENCY)).await?;
+    let echo_queue = format!("bench.{label}.{}.echo", uuid::Uuid::new_v4().simple());
+    // The worker's default prefetch, so both consumers have as many deliveries in hand.
+    let echo = Echo::start(&env.amqp_url, &echo_queue, 64).await?;
+    let host = dir.join("data/volumes/bench");
+    std::fs::create_dir_all(&host)?;
+    Ok(Pair {
+        worker_client,
+        echo_client: Arc::new(Client::connect(&env.amqp_url, &echo_queue).await?),
+        worker,
+        echo,
+        host_dir: host.display().to_string(),
+    })
+}
+
+impl Pair {
+    async fn stop(self, amqp_url: &str) -> anyhow::Result<()> {
+        let queue = self.echo.queue.clone();
+        self.echo.stop().await;
+        procs::delete_queues(amqp_url, &[&queue]).await;
+        self.worker.stop().await
+    }
+
+    /// Warms both up, then measures `tickets` of `script` at `in_flight` on both, side by side;
+    /// failed requests go into `report`. Also returns the time fake-apptainer spent in the calls
+    /// the worker made during the measured rounds.
+    async fn measure<S>(
+        &self,
+        env: &Env,
+        report: &mut ScenarioReport,
+        in_flight: usize,
+        tickets: usize,
+        script: S,
+    ) -> ((Sample, Sample), Duration)
+    where
+        S: Fn(usize, usize) -> Vec<Step> + Clone + Send + Sync + 'static,
+    {
+        let bounds = Bounds {
+            in_flight,
+            tickets: env.sizes.warmup.max(in_flight),
+            time_limit: env.sizes.measure_limit,
+        };
+        let (e, w) = (&self.echo_client, &self.worker_client);
+        side_by_side(e, w, bounds, 1, script.clone()).await;
+        let bounds = Bounds { tickets, ..bounds };
+        let before = fake_call_time(&self.worker.dir).0;
+        let (e, w) = side_by_side(e, w, bounds, env.sizes.rounds, script).await;
+        let apptainer = fake_call_time(&self.worker.dir).0.saturating_sub(before);
+        check(report, &format!("echo at {in_flight}"), &e);
+        check(report, &format!("worker at {in_flight}"), &w);
+        ((e, w), apptainer)
+    }
+}
+
+/// The figures of a worker-against-echo measurement, with the targets of its throughput ratio
+/// and p99 latency ratio.
+fn compare(
+    report: &mut ScenarioReport,
+    case: &str,
+    (e, w): (Sample, Sample),
+    throughput_target: Option<Target>,
+    p99_target: Option<Target>,
+) {
+    let mut t = Figure::new(
+        case,
+        "throughput worker/echo",
+        ratio(w.throughput(), e.throughput()),
+    );
+    t.target = throughput_target;
+    let mut p99 = Figure::new(
+        case,
+        "p99 latency worker/echo",
+        ratio(w.quantile_ms(0.99), e.quantile_ms(0.99)),
+    );
+    p99.target = p99_target;
+    let p50 = ratio(w.quantile_ms(0.5), e.quantile_ms(0.5));
+    report.push(t);
+    report.push(Figure::new(case, "p50 latency worker/echo", p50));
+    report.push(p99);
+    report.push(Figure::new(case, "echo req/s", e.throughput()));
+    report.push(Figure::new(case, "worker req/s", w.throughput()));
+    report.push(Figure::new(case, "echo p50 ms", e.quantile_ms(0.5)));
+    report.push(Figure::new(case, "worker p50 ms", w.quantile_ms(0.5)));
+    report.push(Figure::new(case, "echo p99 ms", e.quantile_ms(0.99)));
+    report.push(Figure::new(case, "worker p99 ms", w.quantile_ms(0.99)));
+}
+
+/// (1) `getcont` round trip against the echo responder at several in-flight counts; each task
+/// asks for its own container.
+pub async fn overhead(env: &Env) -> anyhow::Result<ScenarioReport> {
+    let mut report = ScenarioReport::new("overhead");
+    let p = pair(env, "overhead").await?;
+    let script = |task: usize, _ticket: usize| vec![getcont(&procs::seeded_name(task))];
+    for &(in_flight, requests) in &env.sizes.overhead {
+        let (measured, _) = p
+            .measure(env, &mut report, in_flight, requests, script)
+            .await;
+        let at_128 = in_flight == 128;
+        compare(
+            &mut report,
+            &format!("{in_flight} in flight"),
+            measured,
+            at_128.then_some(Target::AtLeast(0.7)),
+            at_128.then_some(Target::AtMost(2.0)),
+        );
+    }
+    p.stop(&env.amqp_url).await?;
+    Ok(report)
+}
+
+/// (2) Durable writes: `createvolume`/`deletevolume` pairs, each task on its own container.
+pub async fn writes(env: &Env) -> anyhow::Result<ScenarioReport> {
+    let mut report = ScenarioReport::new("writes");
+    let p = pair(env, "writes").await?;
+    let host = p.host_dir.clone();
+    let script = move |task: usize, _ticket: usize| volume_pair(&procs::seeded_name(task), &host);
+    for &(in_flight, pairs) in &env.sizes.writes {
+        let (measured, apptainer) = p
+            .measure(env, &mut report, in_flight, pairs, script.clone())
+            .await;
+        let case = format!("{in_flight} in flight");
+        // createvolume runs `apptainer exec IMAGE test -d`; near 1 means the worker's apptainer
+        // slots (--concurrency) were busy all the time, and they are what limits the rate.
+        let busy = ratio(
+            apptainer.as_secs_f64(),
+            measured.1.wall.as_secs_f64() * f64::from(LOAD_CONCURRENCY),
+        );
+        compare(
+            &mut report,
+            &case,
+            measured,
+            (in_flight == 128).then_some(Target::AtLeast(0.3)),
+            None,
+        );
+        report.push(Figure::new(&case, "apptainer slots busy share", busy));
+    }
+    p.stop(&env.amqp_url).await?;
+    Ok(report)
+}
+
+/// Sum of the durations of fake-apptainer's finished calls, by subcommand, from its log.
+fn fake_call_time(dir: &Path) -> (Duration, Vec<(String, usize)>) {
+    let log = std::fs::read_to_string(dir.join("fake.log")).unwrap_or_default();
+    let mut total = 0i64;
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for line in log.lines() {
+        let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(start), Some(end)) = (entry["start_ms"].as_i64(), entry["end_ms"].as_i64())
+        else {
+            continue;
+        };
+        total += (end - start).max(0);
+        let argv: Vec<&str> = entry["argv"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        let sub = match argv.first() {
+            Some(&"instance") => format!("instance {}", argv.get(1).unwrap_or(&"")),
+            Some(other) => (*other).to_owned(),
+            None => String::new(),
+        };
+        *counts.entry(sub).or_default() += 1;
+    }
+    (
+        Duration::from_millis(total as u64),
+        counts.into_iter().collect(),
+    )
+}
+
+/// (3) Parallel starts with a fixed build time, at several `--concurrency` settings.
+pub async fn parallel(env: &Env) -> anyhow::Result<ScenarioReport> {
+    let mut report = ScenarioReport::new("parallel");
+    let starts = env.sizes.parallel_starts;
+    let build = Duration::from_millis(env.sizes.parallel_build_ms);
+    for &concurrency in &env.sizes.parallel_concurrency {
+        let label = format!("parallel-{concurrency}");
+        let dir = env.work_dir.join(&label);
+        let delay = format!("build={}", build.as_millis());
+        let spec = WorkerSpec {
+            concurrency,
+            env: vec![("FAKE_APPTAINER_DELAY_MS".into(), delay)],
+        };
+        let (worker, client, _) = started_worker(env, &label, spec).await?;
+        let ideal = build * starts as u32 / concurrency;
+        let bounds = Bounds {
+            in_flight: starts,
+            tickets: starts,
+            time_limit: ideal * 4 + Duration::from_secs(60),
+        };
+        let sample = load::run(&client, bounds, |_, ticket| {
+            let body = json!({
+                "op": "start",
+                "container_name": format!("par-{ticket}"),
+                "container_image": "jupyter/base-notebook",
+                "image_distributor": "docker",
+                "image_os": "jupyter/base-notebook",
+                "image_version": "latest",
+                "container_command": ["jupyter lab --no-browser"]
+            });
+            vec![Step {
+                body: body.to_string().into_bytes(),
+                expect: 201,
+            }]
+        })
+        .await;
+        check(&mut report, &format!("concurrency {concurrency}"), &sample);
+        if sample.requests < starts {
+            report.failures.push(format!(
+                "concurrency {concurrency}: only {} of {starts} starts ran within {:?}",
+                sample.requests, bounds.time_limit
+            ));
+        }
+        let (apptainer_time, calls) = fake_call_time(&dir);
+        let case = format!("concurrency {concurrency}");
+        report.push(
+            Figure::new(
+                &case,
+                "wall/ideal (builds only)",
+                ratio(sample.wall.as_secs_f64(), ideal.as_secs_f64()),
+            )
+            .target(Target::AtMost(1.2)),
+        );
+        report.push(Figure::new(
+            &case,
+            "wall/ideal (all apptainer calls)",
+            ratio(
+                sample.wall.as_secs_f64(),
+                apptainer_time.as_secs_f64() / f64::from(concurrency),
+            ),
+        ));
+        report.push(Figure::new(&case, "wall s", sample.wall.as_secs_f64()));
+        report.push(Figure::new(&case, "ideal s", ideal.as_secs_f64()));
+        let per_start = |sub: &str| {
+            calls
+                .iter()
+                .find(|(s, _)| s == sub)
+                .map(|(_, n)| *n as f64 / starts as f64)
+                .unwrap_or(0.0)
+        };
+        report.push(Figure::new(
+            &case,
+            "apptainer calls per start",
+            calls.iter().map(|(_, n)| *n).sum::<usize>() as f64 / starts as f64,
+        ));
+        report.push(Figure::new(
+            &case,
+            "instance list per start",
+            per_start("instance list"),
+        ));
+        drop(client);
+        worker.stop().await?;
+    }
+    Ok(report)
+}
+
+/// (4) Head-of-line blocking: other containers' `getcont` while one `start` builds.
+pub async fn head_of_line(env: &Env) -> anyhow::Result<ScenarioReport> {
+    let mut report = ScenarioReport::new("head-of-line");
+    let label = "hol";
+    let dir = env.work_dir.join(label);
+    procs::seed(&dir, SEEDED_FOR_LOAD)?;
+    let (worker, client, _) = started_worker(env, label, plain(4)).await?;
+    let in_flight = 16;
+    let bounds = Bounds {
+        in_flight,
+        tickets: env.sizes.hol_requests,
+        time_limit: env.sizes.measure_limit,
+    };
+    let script = |task: usize, _| vec![getcont(&procs::seeded_name(task))];
+    load::run(
+        &client,
+        Bounds {
+            tickets: env.sizes.warmup.max(in_flight),
+            ..bounds
+        },
+        script,
+    )
+    .await;
+    let idle = load::run(&client, bounds, script).await;
+    check(&mut report, "idle", &idle);
+
+    // A build long enough to outlast the measurement under load.
+    let build = (idle.wall * 3 + Duration::from_secs(2)).max(Duration::from_secs(5));
+    worker.control_fake(&[&format!("DELAY_MS=build={}", build.as_millis())])?;
+    let start = json!({
+        "op": "start", "container_name": "hol-build",
+        "container_image": "jupyter/base-notebook", "image_distributor": "docker",
+        "image_os": "jupyter/base-notebook", "image_version": "latest"
+    });
+    let pending = client
+        .send(start.to_string().as_bytes(), Publish::default())
+        .await
+        .context("could not publish the long start")?;
+    let began = Instant::now();
+    while !worker.build_began() {
+        if began.elapsed() > Duration::from_secs(30) {
+            anyhow::bail!("the long build did not begin within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let busy = load::run(&client, bounds, script).await;
+    check(&mut report, "during the build", &busy);
+    let overlapped = began.elapsed() < build;
+    if !overlapped {
+        report
+            .failures
+            .push("the build ended before the measurement under it did".into());
+    }
+    match pending.wait(build + Duration::from_secs(60)).await {
+        Ok(reply) if reply.status == 201 => {}
+        Ok(reply) => report.failures.push(format!(
+            "the long start answered {}: {:?}",
+            reply.status, reply.error
+        )),
+        Err(e) => report
+            .failures
+            .push(format!("the long start got no reply: {e}")),
+    }
+    let case = format!("{in_flight} in flight");
+    report.push(
+        Figure::new(
+            &case,
+            "p99 during build/idle",
+            ratio(busy.quantile_ms(0.99), idle.quantile_ms(0.99)),
+        )
+        .target(Target::AtMost(1.5)),
+    );
+    report.push(Figure::new(
+        &case,
+        "p50 during build/idle",
+        ratio(busy.quantile_ms(0.5), idle.quantile_ms(0.5)),
+    ));
+    report.push(Figure::new(&case, "idle p99 ms", idle.quantile_ms(0.99)));
+    report.push(Figure::new(
+        &case,
+        "during build p99 ms",
+        busy.quantile_ms(0.99),
+    ));
+    report.push(Figure::new(&case, "build s", build.as_secs_f64()));
+    drop(client);
+    worker.stop().await?;
+    Ok(report)
+}
+
+/// (5) Scale: a worker over 1,000 to 100,000 registered containers.
+pub async fn scale(env: &Env) -> anyhow::Result<ScenarioReport> {
+    let mut report = ScenarioReport::new("scale");
+    let mut baseline: Option<(f64, f64)> = None;
+    let largest = env.sizes.scale_counts.iter().copied().max().unwrap_or(0);
+    for &count in &env.sizes.scale_counts {
+        let label = format!("scale-{count}");
+        let dir = env.work_dir.join(&label);
+        let seeded = procs::seed(&dir, count)?;
+        let (worker, client, startup) = started_worker(env, &label, plain(4)).await?;
+        // Names spread over the whole table (7919 is prime, so every name can come up).
+        let script =
+            move |_, ticket: usize| vec![getcont(&procs::seeded_name(ticket * 7919 % count))];
+        let one = |tickets| Bounds {
+            in_flight: 1,
+            tickets,
+            time_limit: env.sizes.measure_limit,
+        };
+        load::run(&client, one(env.sizes.warmup.min(50)), script).await;
+        let gets = load::run(&client, one(env.sizes.scale_getcont), script).await;
+        check(&mut report, &format!("getcont at {count}"), &gets);
+        let pages = load::run(&client, one(env.sizes.scale_pages), |_, _| {
+            vec![Step {
+                body: json!({"op": "getallcont", "page": 1, "page_size": 50})
+                    .to_string()
+                    .into_bytes(),
+                expect: 200,
+            }]
+        })
+        .await;
+        check(&mut report, &format!("getallcont at {count}"), &pages);
+        let rss = worker.rss_mib()?;
+        let case = format!("{count} containers");
+        let p50 = gets.quantile_ms(0.5);
+        let startup_ms = startup.as_secs_f64() * 1000.0;
+        let (base_p50, base_startup) = *baseline.get_or_insert((p50, startup_ms));
+        let mut p50_ratio = Figure::new(&case, "getcont p50 / smallest", ratio(p50, base_p50));
+        let mut rss_figure = Figure::new(&case, "worker RSS MiB", rss);
+        if count == largest && count >= 100_000 {
+            p50_ratio = p50_ratio.target(Target::AtMost(1.5));
+            rss_figure = rss_figure.target(Target::Below(200.0));
+        }
+        report.push(Figure::new(&case, "getcont p50 ms", p50));
+        report.push(p50_ratio);
+        report.push(Figure::new(
+            &case,
+            "getallcont page p50 ms",
+            pages.quantile_ms(0.5),
+        ));
+        report.push(rss_figure);
+        report.push(Figure::new(&case, "start-up to consuming ms", startup_ms));
+        report.push(Figure::new(
+            &case,
+            "start-up / smallest",
+            ratio(startup_ms, base_startup),
+        ));
+        report.push(Figure::new(&case, "seeding s", seeded.as_secs_f64()));
+        drop(client);
+        worker.stop().await?;
+    }
+    Ok(report)
+}
