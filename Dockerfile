@@ -18,8 +18,7 @@ RUN set -eux; \
         "https://github.com/apptainer/apptainer/releases/download/v${APPTAINER_VERSION}/apptainer_${APPTAINER_VERSION}_${arch}.deb"; \
     apt-get install -y --no-install-recommends /tmp/apptainer.deb; \
     rm /tmp/apptainer.deb; \
-    apt-get purge -y curl; \
-    apt-get autoremove -y; \
+    # curl stays: compose.yaml's health check asks the worker's /readyz with it.
     rm -rf /var/lib/apt/lists/*; \
     apptainer --version
 COPY --from=build /src/target/release/orchestrator-worker /src/target/release/orchestrator /usr/local/bin/

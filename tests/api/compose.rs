@@ -100,6 +100,32 @@ fn every_setting_the_worker_service_passes_is_one_the_worker_reads() {
 }
 
 #[test]
+fn the_worker_is_healthy_only_when_its_readyz_says_ready() {
+    let worker = &compose()["services"]["worker"];
+    let test: Vec<&str> = worker["healthcheck"]["test"]
+        .as_array()
+        .expect("the worker has a health check")
+        .iter()
+        .map(|part| part.as_str().unwrap())
+        .collect();
+    let address = worker["environment"]["ORCHESTRATOR_HTTP_ADDR"]
+        .as_str()
+        .expect("the worker's HTTP listener is on for the health check");
+    assert!(
+        test.iter()
+            .any(|part| *part == format!("http://{address}/readyz")),
+        "the health check asks /readyz on the worker's listener: {test:?}"
+    );
+    assert!(
+        std::fs::read_to_string(repository_file("Dockerfile"))
+            .unwrap()
+            .lines()
+            .all(|line| !line.contains("purge") || !line.contains("curl")),
+        "the image keeps curl for the health check"
+    );
+}
+
+#[test]
 fn the_worker_image_installs_apptainer_from_its_release_packages() {
     let dockerfile = std::fs::read_to_string(repository_file("Dockerfile")).unwrap();
 
