@@ -10,14 +10,17 @@
 //!
 //! Deliveries are handled one at a time so that lanes receive requests in delivery order.
 
+mod decode;
 pub mod validate;
+
+pub use decode::{decode, Refused};
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use schemas::{ErrorCode, Op, Request};
+use schemas::Request;
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
@@ -37,17 +40,6 @@ pub struct Intake {
     pub node: String,
     pub default_reply_queue: String,
     pub max_body_bytes: usize,
-}
-
-/// A delivery, decoded and checked.
-enum Decoded {
-    Valid(Request),
-    Invalid {
-        code: ErrorCode,
-        message: String,
-        op: Option<Op>,
-        container_name: Option<String>,
-    },
 }
 
 impl Intake {
@@ -74,13 +66,13 @@ impl Intake {
             .map(|m| m.as_str().to_owned())
             .or_else(|| target.correlation_id.clone());
 
-        match self.decode(&delivery.data) {
-            Decoded::Invalid {
+        match decode(&delivery.data, self.max_body_bytes) {
+            Err(Refused {
                 code,
                 message,
                 op,
                 container_name,
-            } => {
+            }) => {
                 tracing::info!(correlation_id = ?target.correlation_id, %message, "invalid request refused");
                 let header = ReplyHeader {
                     node: self.node.clone(),
@@ -91,68 +83,13 @@ impl Intake {
                 let reply = header.error(target.correlation_id.as_deref(), code, &message);
                 self.reply_then_ack(delivery, target, to_body(&reply)).await;
             }
-            Decoded::Valid(request) if request.op().is_read() => {
+            Ok(request) if request.op().is_read() => {
                 self.accept_read(delivery, request, target, received).await
             }
-            Decoded::Valid(request) => {
+            Ok(request) => {
                 self.accept_write(delivery, request, target, idempotency_key)
                     .await
             }
-        }
-    }
-
-    fn decode(&self, body: &[u8]) -> Decoded {
-        if body.len() > self.max_body_bytes {
-            return Decoded::Invalid {
-                code: ErrorCode::TooLarge,
-                message: format!(
-                    "the request body has {} bytes; at most {} are accepted",
-                    body.len(),
-                    self.max_body_bytes
-                ),
-                op: None,
-                container_name: None,
-            };
-        }
-        // What the body says of itself, for the error reply, even when it is not a valid request.
-        let loose: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-        let field = |name: &str| {
-            loose
-                .as_ref()
-                .and_then(|v| v.get(name))
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        };
-        let invalid = |message: String| Decoded::Invalid {
-            code: ErrorCode::BadRequest,
-            message,
-            op: field("op").and_then(|op| {
-                let op = if op == "removevolume" {
-                    "deletevolume".into()
-                } else {
-                    op
-                };
-                serde_json::from_value(serde_json::Value::String(op)).ok()
-            }),
-            container_name: field("container_name")
-                .filter(|n| schemas::ContainerName::parse(n).is_ok()),
-        };
-        let request: Request = match serde_json::from_slice(body) {
-            Ok(request) => request,
-            Err(e) if loose.is_none() => {
-                return invalid(format!("the request body is not valid JSON: {e}"))
-            }
-            Err(e) => {
-                let detail = loose
-                    .as_ref()
-                    .and_then(explain_field_error)
-                    .unwrap_or_else(|| e.to_string());
-                return invalid(format!("invalid request: {detail}"));
-            }
-        };
-        match validate::check(&request) {
-            Ok(()) => Decoded::Valid(request),
-            Err(message) => invalid(message),
         }
     }
 
@@ -248,33 +185,6 @@ impl Intake {
 
     async fn reply_then_ack(&self, delivery: Delivery, target: ReplyTarget, body: String) {
         publish_then_ack(&self.publisher, delivery, target, body).await
-    }
-}
-
-/// Serde reports errors inside an internally tagged enum without the field's name; decoding the
-/// operation's own fields again names it ("container_name: invalid type: integer `7`...").
-fn explain_field_error(body: &serde_json::Value) -> Option<String> {
-    fn first_error<T: serde::de::DeserializeOwned>(fields: serde_json::Value) -> Option<String> {
-        serde_path_to_error::deserialize::<_, T>(fields)
-            .err()
-            .map(|e| match e.path().to_string().as_str() {
-                "." => e.inner().to_string(),
-                path => format!("{path}: {}", e.inner()),
-            })
-    }
-    let mut fields = body.as_object()?.clone();
-    let op = fields.remove("op")?;
-    let fields = serde_json::Value::Object(fields);
-    match op.as_str()? {
-        "start" => first_error::<schemas::StartRequest>(fields),
-        "stop" | "restart" | "getcont" | "deletecont" | "deletecontdata" => {
-            first_error::<schemas::ContainerRequest>(fields)
-        }
-        "getallcont" => first_error::<schemas::PageRequest>(fields),
-        "createvolume" | "deletevolume" | "removevolume" => {
-            first_error::<schemas::VolumeRequest>(fields)
-        }
-        _ => None,
     }
 }
 
