@@ -6,6 +6,7 @@
 mod helpers;
 
 mod failures;
+mod hostile;
 mod invalid_requests;
 mod lifecycle;
 mod ordering;

@@ -237,7 +237,7 @@ fn instance_binds(
     }
     for (host, container) in binds {
         check_container_location(container)?;
-        let host = resolve_host_dir(ctx, "host_location", host)?;
+        let host = resolve_host_dir(ctx, "a host directory in binds", host)?;
         all.push(Bind {
             host: host.display().to_string(),
             container: container.clone(),
