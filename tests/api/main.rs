@@ -11,3 +11,4 @@ mod invalid_requests;
 mod lifecycle;
 mod ordering;
 mod recovery;
+mod secrets;
