@@ -78,6 +78,7 @@ impl Worker {
             settings.stop_grace_secs,
             settings.build_timeout(),
             settings.command_timeout(),
+            &settings.apptainer_env,
         ));
         let broker = Broker::new(&settings, &node);
         let publisher = Arc::new(Publisher::new(broker.clone()));
