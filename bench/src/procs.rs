@@ -148,6 +148,8 @@ impl WorkerProcess {
             .env("APPTAINER_CONFIGDIR", dir.join("apptainer"))
             .env("FAKE_APPTAINER_CONTROL", dir.join("fake.control"))
             .env("FAKE_APPTAINER_LOG", dir.join("fake.log"))
+            // The worker passes apptainer only the variables it is told to.
+            .env("ORCHESTRATOR_APPTAINER_ENV", "FAKE_APPTAINER_*")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

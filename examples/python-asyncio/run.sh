@@ -54,6 +54,7 @@ PY
 trap cleanup EXIT
 
 NO_COLOR=1 APPTAINER_BIN="$fake_bin" FAKE_APPTAINER_DELAY_MS=build=300 \
+    ORCHESTRATOR_APPTAINER_ENV='FAKE_APPTAINER_*' \
     "$root/target/debug/orchestrator-worker" \
     --queue "$queue" --reply-queue "$queue.replies" --data-dir "$tmp/data" \
     >"$tmp/worker.log" 2>&1 &

@@ -78,7 +78,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 log "starting the worker on queue $queue (data in $tmp/data)"
-NO_COLOR=1 APPTAINER_BIN="$fake_bin" "$worker_bin" \
+NO_COLOR=1 APPTAINER_BIN="$fake_bin" ORCHESTRATOR_APPTAINER_ENV="FAKE_APPTAINER_*" "$worker_bin" \
     --queue "$queue" --reply-queue "$reply_queue" --data-dir "$tmp/data" \
     >"$tmp/worker.log" 2>&1 &
 worker_pid=$!

@@ -132,6 +132,7 @@ fn start_process(
         .env("APPTAINER_CONFIGDIR", dir.join("apptainer"))
         .env("FAKE_APPTAINER_LOG", dir.join("fake.log"))
         .env("FAKE_APPTAINER_CONTROL", dir.join("fake.control"))
+        .env("ORCHESTRATOR_APPTAINER_ENV", "FAKE_APPTAINER_*")
         .env("RUST_LOG", "info,lapin=warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -101,6 +101,7 @@ impl Worker {
                 settings.stop_grace_secs,
                 settings.build_timeout(),
                 settings.command_timeout(),
+                &settings.apptainer_env,
             )
             .context("could not prepare the record of apptainer calls in the data directory")?,
         );

@@ -223,6 +223,7 @@ async fn check_apptainer(settings: &Settings) -> Result<String, Failure> {
         settings.stop_grace_secs,
         VERSION_TIMEOUT,
         VERSION_TIMEOUT,
+        &settings.apptainer_env,
     ) {
         Ok(runtime) => Arc::new(runtime),
         Err(e) => {

@@ -70,6 +70,13 @@ pub struct Settings {
     #[arg(long, env = "ORCHESTRATOR_HOME_MOUNT", default_value = schemas::DEFAULT_HOME_MOUNT)]
     pub home_mount: String,
 
+    /// More environment variables to pass to apptainer, comma-separated (`NAME*` for every
+    /// variable starting with NAME). By default it gets only PATH, HOME, USER, LOGNAME, LANG,
+    /// LC_*, TZ, TMPDIR and APPTAINER_CONFIGDIR, _CACHEDIR, _TMPDIR: apptainer passes its
+    /// environment into every container, and other APPTAINER_* variables change its flags.
+    #[arg(long, env = "ORCHESTRATOR_APPTAINER_ENV", value_delimiter = ',')]
+    pub apptainer_env: Vec<String>,
+
     /// Longest an image build may take, in seconds, before it is killed.
     #[arg(long, env = "ORCHESTRATOR_BUILD_TIMEOUT", default_value_t = 3600)]
     pub build_timeout_secs: u64,

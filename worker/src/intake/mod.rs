@@ -10,7 +10,10 @@
 //!
 //! Deliveries are handled one at a time so that lanes receive requests in delivery order.
 
+mod decode;
 pub mod validate;
+
+pub use decode::{decode, Refused};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,7 +22,7 @@ use backon::Retryable;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use schemas::{ErrorCode, Op, Request, Stage, PROGRESS_HEADER};
+use schemas::{ErrorCode, Request, Stage, PROGRESS_HEADER};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -147,17 +150,6 @@ fn deadline_ms(properties: &lapin::BasicProperties) -> Result<Option<i64>, Strin
     Ok(deadline)
 }
 
-/// A delivery, decoded and checked.
-enum Decoded {
-    Valid(Request),
-    Invalid {
-        code: ErrorCode,
-        message: String,
-        op: Option<Op>,
-        container_name: Option<String>,
-    },
-}
-
 impl Intake {
     /// Handles one delivery. Errors are logged here; the delivery is then either acknowledged
     /// (its outcome is safe) or left to the broker.
@@ -200,28 +192,28 @@ impl Intake {
             }
         }
         let decoded = match &envelope.deadline_ms {
-            Err(message) => Decoded::Invalid {
+            Err(message) => Err(Refused {
                 code: ErrorCode::BadRequest,
                 message: message.clone(),
                 op: None,
                 container_name: None,
-            },
-            Ok(_) => self.decode(&delivery.data),
+            }),
+            Ok(_) => decode(&delivery.data, self.max_body_bytes),
         };
         crate::metrics::request_received(match &decoded {
-            Decoded::Valid(request) => Some(request.op()),
-            Decoded::Invalid { op, .. } => *op,
+            Ok(request) => Some(request.op()),
+            Err(Refused { op, .. }) => *op,
         });
         match &decoded {
-            Decoded::Valid(request) => {
+            Ok(request) => {
                 span.record("op", tracing::field::display(request.op()));
                 if let Some(name) = request.container_name() {
                     span.record("container", tracing::field::display(name));
                 }
             }
-            Decoded::Invalid {
+            Err(Refused {
                 op, container_name, ..
-            } => {
+            }) => {
                 if let Some(op) = op {
                     span.record("op", tracing::field::display(op));
                 }
@@ -232,12 +224,12 @@ impl Intake {
         }
         tracing::debug!(body = %String::from_utf8_lossy(&delivery.data), "request received");
         match decoded {
-            Decoded::Invalid {
+            Err(Refused {
                 code,
                 message,
                 op,
                 container_name,
-            } => {
+            }) => {
                 tracing::info!(%message, "invalid request refused");
                 crate::metrics::replied(op, code.status(), None);
                 let header = ReplyHeader {
@@ -256,11 +248,11 @@ impl Intake {
                 )
                 .await;
             }
-            Decoded::Valid(request) if request.op().is_read() => {
+            Ok(request) if request.op().is_read() => {
                 self.accept_read(delivery, request, envelope, received)
                     .await
             }
-            Decoded::Valid(request) => self.accept_write(delivery, request, envelope).await,
+            Ok(request) => self.accept_write(delivery, request, envelope).await,
         }
     }
 
@@ -329,20 +321,11 @@ impl Intake {
         }
         tracing::error!(identity = %envelope.identity, count, queue = %self.dead_letter_queue,
             "a delivery kept coming back unprocessed; moved it to the dead-letter queue");
-        let loose: Option<serde_json::Value> = serde_json::from_slice(&delivery.data).ok();
-        let field = |name: &str| {
-            loose
-                .as_ref()
-                .and_then(|v| v.get(name))
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        };
+        let (op, container_name) = decode::claimed(&delivery.data);
         let header = ReplyHeader {
             node: self.node.clone(),
-            op: field("op")
-                .and_then(|op| serde_json::from_value(serde_json::Value::String(op)).ok()),
-            container_name: field("container_name")
-                .filter(|n| schemas::ContainerName::parse(n).is_ok()),
+            op,
+            container_name,
             duration_ms: received.elapsed().as_millis() as u64,
         };
         crate::metrics::replied(header.op, ErrorCode::Internal.status(), None);
@@ -362,61 +345,6 @@ impl Intake {
             to_body(&reply),
         )
         .await;
-    }
-
-    fn decode(&self, body: &[u8]) -> Decoded {
-        if body.len() > self.max_body_bytes {
-            return Decoded::Invalid {
-                code: ErrorCode::TooLarge,
-                message: format!(
-                    "the request body has {} bytes; at most {} are accepted",
-                    body.len(),
-                    self.max_body_bytes
-                ),
-                op: None,
-                container_name: None,
-            };
-        }
-        // What the body says of itself, for the error reply, even when it is not a valid request.
-        let loose: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-        let field = |name: &str| {
-            loose
-                .as_ref()
-                .and_then(|v| v.get(name))
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        };
-        let invalid = |message: String| Decoded::Invalid {
-            code: ErrorCode::BadRequest,
-            message,
-            op: field("op").and_then(|op| {
-                let op = if op == "removevolume" {
-                    "deletevolume".into()
-                } else {
-                    op
-                };
-                serde_json::from_value(serde_json::Value::String(op)).ok()
-            }),
-            container_name: field("container_name")
-                .filter(|n| schemas::ContainerName::parse(n).is_ok()),
-        };
-        let request: Request = match serde_json::from_slice(body) {
-            Ok(request) => request,
-            Err(e) if loose.is_none() => {
-                return invalid(format!("the request body is not valid JSON: {e}"))
-            }
-            Err(e) => {
-                let detail = loose
-                    .as_ref()
-                    .and_then(explain_field_error)
-                    .unwrap_or_else(|| e.to_string());
-                return invalid(format!("invalid request: {detail}"));
-            }
-        };
-        match validate::check(&request) {
-            Ok(()) => Decoded::Valid(request),
-            Err(message) => invalid(message),
-        }
     }
 
     async fn accept_read(
@@ -557,33 +485,6 @@ impl Intake {
         self.progress
             .send(&watcher, Stage::Queued, Some(position))
             .await;
-    }
-}
-
-/// Serde reports errors inside an internally tagged enum without the field's name; decoding the
-/// operation's own fields again names it ("container_name: invalid type: integer `7`...").
-fn explain_field_error(body: &serde_json::Value) -> Option<String> {
-    fn first_error<T: serde::de::DeserializeOwned>(fields: serde_json::Value) -> Option<String> {
-        serde_path_to_error::deserialize::<_, T>(fields)
-            .err()
-            .map(|e| match e.path().to_string().as_str() {
-                "." => e.inner().to_string(),
-                path => format!("{path}: {}", e.inner()),
-            })
-    }
-    let mut fields = body.as_object()?.clone();
-    let op = fields.remove("op")?;
-    let fields = serde_json::Value::Object(fields);
-    match op.as_str()? {
-        "start" => first_error::<schemas::StartRequest>(fields),
-        "stop" | "restart" | "getcont" | "deletecont" | "deletecontdata" => {
-            first_error::<schemas::ContainerRequest>(fields)
-        }
-        "getallcont" => first_error::<schemas::PageRequest>(fields),
-        "createvolume" | "deletevolume" | "removevolume" => {
-            first_error::<schemas::VolumeRequest>(fields)
-        }
-        _ => None,
     }
 }
 

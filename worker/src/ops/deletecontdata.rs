@@ -31,17 +31,21 @@ pub async fn execute(ctx: &OpContext, name: &str, attempt: Attempt) -> Result<Ou
         )
     })?;
     // The recorded path itself must be a direct entry of the image directory, and so must its
-    // parent once resolved: a symlink planted in the data directory cannot redirect the delete.
+    // parent once resolved; and the entry must not be a symlink, which this worker never
+    // creates: a link planted in the data directory is refused, not followed nor quietly
+    // removed, so the tampering stays visible to the operator.
     let parent_ok = path
         .parent()
         .and_then(|p| std::fs::canonicalize(p).ok())
         .is_some_and(|p| p == images);
-    if !parent_ok || path.file_name().is_none_or(|f| f != name) {
+    let planted_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if !parent_ok || planted_link || path.file_name().is_none_or(|f| f != name) {
         return Err(OpError::new(
-            ErrorCode::Internal,
+            ErrorCode::Unprocessable,
             format!(
-                "refusing to delete {}: it is not an image of this worker",
-                left.image_path
+                "refusing to delete {}: it is not an image this worker built (it lies outside {} or is a symbolic link); an operator must inspect and remove it by hand",
+                left.image_path,
+                images.display()
             ),
         ));
     }

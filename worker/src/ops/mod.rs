@@ -16,11 +16,14 @@ mod restore;
 mod start;
 mod stop;
 
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use schemas::{ContainerRecord, ErrorCode, Op, ReplyResult, Request, Stage};
 
+use crate::intake::validate::{
+    check_container_location, check_host_path, check_path_syntax, Invalid,
+};
 use crate::progress::Progress;
 use crate::runtime::{Bind, Runtime, RuntimeError};
 pub use restore::converge_dead_instance;
@@ -185,11 +188,18 @@ pub fn record(row: &ContainerRow) -> ContainerRecord {
     }
 }
 
+impl From<Invalid> for OpError {
+    fn from(invalid: Invalid) -> Self {
+        Self::new(invalid.code, invalid.message)
+    }
+}
+
 /// Checks a host directory against the bind policy: absolute, free of the characters that
 /// separate apptainer bind specs, existing, and inside an allowed root once symlinks are
-/// resolved. Returns the resolved path, which is what apptainer is given.
+/// resolved. Returns the resolved path, which is what apptainer is given; it is held to the
+/// same syntax, since a symlink's target can hold a `,` that would split the bind in two.
 fn resolve_host_dir(ctx: &OpContext, field: &str, location: &str) -> Result<PathBuf, OpError> {
-    check_bind_syntax(field, location)?;
+    check_host_path(field, location)?;
     let resolved = std::fs::canonicalize(location).map_err(|_| {
         OpError::bad_request(format!(
             "{field} {location} does not exist on the host; create the directory first"
@@ -214,61 +224,16 @@ fn resolve_host_dir(ctx: &OpContext, field: &str, location: &str) -> Result<Path
             ),
         ));
     }
+    let resolved_text = resolved.to_str().ok_or_else(|| {
+        OpError::bad_request(format!(
+            "{field} {location} resolves to a path that is not UTF-8"
+        ))
+    })?;
+    check_path_syntax(
+        &format!("{field} {location}, once resolved,"),
+        resolved_text,
+    )?;
     Ok(resolved)
-}
-
-/// Directories of the container that must never be replaced by a bind.
-const PROTECTED_CONTAINER_PATHS: &[&str] = &[
-    "/",
-    "/bin",
-    "/boot",
-    "/dev",
-    "/etc",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    "/proc",
-    "/root",
-    "/run",
-    "/sbin",
-    "/sys",
-    "/usr",
-    "/var",
-    "/.singularity.d",
-];
-
-/// Checks a container directory: absolute, normalised, and not a system directory.
-fn check_container_location(location: &str) -> Result<(), OpError> {
-    check_bind_syntax("container_location", location)?;
-    let normalised = Path::new(location)
-        .components()
-        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-    if !normalised || location.contains("//") || (location.len() > 1 && location.ends_with('/')) {
-        return Err(OpError::bad_request(format!(
-            "container_location {location} must be a normalised absolute path (no '.', '..', '//' or trailing '/')"
-        )));
-    }
-    if PROTECTED_CONTAINER_PATHS.contains(&location) {
-        return Err(OpError::new(
-            ErrorCode::Forbidden,
-            format!("container_location {location} is a system directory of the container and cannot be a bind target"),
-        ));
-    }
-    Ok(())
-}
-
-fn check_bind_syntax(field: &str, location: &str) -> Result<(), OpError> {
-    if !location.starts_with('/') {
-        return Err(OpError::bad_request(format!(
-            "{field} {location:?} must be an absolute path"
-        )));
-    }
-    if location.contains([':', ',', '\0', '\n', '\r']) || location.len() > 4096 {
-        return Err(OpError::bad_request(format!(
-            "{field} {location:?} may not contain ':', ',', NUL or line breaks (they separate apptainer bind specifications), and is at most 4096 bytes"
-        )));
-    }
-    Ok(())
 }
 
 /// All binds of a container for `instance start`: the home volume, then the other binds, each
@@ -288,7 +253,7 @@ fn instance_binds(
     }
     for (host, container) in binds {
         check_container_location(container)?;
-        let host = resolve_host_dir(ctx, "host_location", host)?;
+        let host = resolve_host_dir(ctx, "a host directory in binds", host)?;
         all.push(Bind {
             host: host.display().to_string(),
             container: container.clone(),

@@ -26,7 +26,8 @@ pub async fn execute(
             format!("the data of a deleted container {name} is still on disk; remove it with deletecontdata, or choose another name"),
         ));
     }
-    let binds = instance_binds(ctx, req.volume_name.as_deref(), &req.binds)?;
+    // Checked now so that a refused bind fails the request before anything is built.
+    instance_binds(ctx, req.volume_name.as_deref(), &req.binds)?;
     let image = ctx.image_path(name);
     let image_text = image.display().to_string();
 
@@ -57,15 +58,10 @@ pub async fn execute(
         ));
     }
 
-    let definition = Definition {
-        bootstrap: &req.image_distributor,
-        from_os: &req.image_os,
-        from_version: &req.image_version,
-        environment: &req.environment,
-        startscript: &req.container_command,
-    }
-    .render();
-    let result = build_and_start(ctx, attempt, name, &image, &definition, &binds).await;
+    let definition = Definition::of_start(req)
+        .render_checked()
+        .map_err(|e| OpError::new(ErrorCode::Internal, format!("refusing to build: {e}")))?;
+    let result = build_and_start(ctx, attempt, req, &image, &definition).await;
     if result.is_err() {
         // Nobody owns this image: the name is neither registered nor leftover data. Leave no
         // half-built or unstartable image behind.
@@ -94,11 +90,11 @@ fn started(row: ContainerRow) -> Outcome {
 async fn build_and_start(
     ctx: &OpContext,
     attempt: Attempt,
-    name: &str,
+    req: &StartRequest,
     image: &std::path::Path,
     definition: &str,
-    binds: &[crate::runtime::Bind],
 ) -> Result<(), OpError> {
+    let name = req.container_name.as_str();
     // An interrupted earlier run of this request may have finished the build: apptainer keeps
     // the definition file inside the image, so an identical one means the image is ours.
     let built = std::fs::read_to_string(image.join(".singularity.d/Singularity"))
@@ -118,8 +114,11 @@ async fn build_and_start(
         let _ = std::fs::remove_file(&def_path);
         build?;
     }
+    // Resolved again after the build, which can take minutes: a symlink changed meanwhile is
+    // judged by where it leads now.
+    let binds = instance_binds(ctx, req.volume_name.as_deref(), &req.binds)?;
     ctx.record_intent(attempt, Stage::StartingInstance).await?;
-    ctx.runtime.start_instance(image, name, binds).await?;
+    ctx.runtime.start_instance(image, name, &binds).await?;
     Ok(())
 }
 

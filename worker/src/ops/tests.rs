@@ -294,7 +294,7 @@ async fn deletecontdata_never_deletes_outside_the_image_directory() {
             .await
             .unwrap_err();
 
-        assert_eq!(error.code, ErrorCode::Internal, "{name}: {error:?}");
+        assert_eq!(error.code, ErrorCode::Unprocessable, "{name}: {error:?}");
         assert!(
             outside.join("work.ipynb").exists(),
             "{name}: the file outside is untouched"

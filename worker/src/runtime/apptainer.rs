@@ -1,9 +1,10 @@
 //! The production [`Runtime`]: runs the real `apptainer` binary.
 //!
 //! No shell: arguments are a vector. Each call runs in its own process group, which is killed
-//! whole when the call times out or is dropped. The child's environment is the worker's minus
-//! the `APPTAINER_*`/`SINGULARITY_*` variables that silently change flags (see
-//! `shared/reference/apptainer-cli.md`, 0.4); only those naming directories are passed on.
+//! whole when the call times out or is dropped. The child's environment is built from an
+//! allow-list ([`DEFAULT_PASSED_VARIABLES`] plus `--apptainer-env`): the `APPTAINER_*` variables
+//! that silently change flags (`shared/reference/apptainer-cli.md`, 0.4) and the broker URL
+//! never reach apptainer, nor through it the containers.
 //! A semaphore bounds how many apptainer processes run at once.
 
 use std::path::{Path, PathBuf};
@@ -19,13 +20,46 @@ use tokio::sync::Semaphore;
 use super::children::{kill_group, ChildRegistry};
 use super::{Bind, InstanceInfo, Runtime, RuntimeError, Stopped};
 
-/// Apptainer variables that only say where apptainer keeps its own files; all other
-/// `APPTAINER_*` and `SINGULARITY_*` variables are removed from the child's environment.
-const PASSED_APPTAINER_VARIABLES: &[&str] = &[
+/// The variables `apptainer` gets from the worker's environment, by default: what a process
+/// needs to find programs and files and to speak the locale, and the apptainer variables that
+/// only say where apptainer keeps its own files. Nothing else passes: apptainer hands its
+/// environment on to every container, so `AMQP_URL` (the broker password) must not reach it,
+/// and `APPTAINER_*`/`SINGULARITY_*`/`APPTAINERENV_*` variables silently change flags or set
+/// variables in containers. `--apptainer-env` adds names (`NAME*` for a prefix).
+pub const DEFAULT_PASSED_VARIABLES: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_*",
+    "TZ",
+    "TMPDIR",
     "APPTAINER_CONFIGDIR",
     "APPTAINER_CACHEDIR",
     "APPTAINER_TMPDIR",
 ];
+
+/// Whether `name` is one of `patterns` (exact names, or prefixes written `PREFIX*`).
+fn passes(name: &str, patterns: &[impl AsRef<str>]) -> bool {
+    patterns.iter().any(|pattern| {
+        let pattern = pattern.as_ref();
+        match pattern.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == pattern,
+        }
+    })
+}
+
+/// The environment for apptainer: the variables of `from` that the defaults or `extra` name.
+pub fn apptainer_environment(
+    from: impl IntoIterator<Item = (String, String)>,
+    extra: &[String],
+) -> Vec<(String, String)> {
+    from.into_iter()
+        .filter(|(name, _)| passes(name, DEFAULT_PASSED_VARIABLES) || passes(name, extra))
+        .collect()
+}
 
 /// After a process exits, how long to wait for the rest of its output. A detached grandchild
 /// that kept a pipe open must not hold the call.
@@ -101,16 +135,11 @@ impl Apptainer {
         stop_grace_secs: u64,
         build_timeout: Duration,
         command_timeout: Duration,
+        extra_env: &[String],
     ) -> std::io::Result<Self> {
         let children = ChildRegistry::new(children_dir)?;
         children.reap_leftovers();
-        let env = std::env::vars()
-            .filter(|(key, _)| {
-                let apptainer_specific =
-                    key.starts_with("APPTAINER_") || key.starts_with("SINGULARITY_");
-                !apptainer_specific || PASSED_APPTAINER_VARIABLES.contains(&key.as_str())
-            })
-            .collect();
+        let env = apptainer_environment(std::env::vars(), extra_env);
         Ok(Self {
             program,
             network,
@@ -370,5 +399,41 @@ impl Runtime for Apptainer {
             Some(0) => Ok(output.stdout.trim().to_owned()),
             _ => Err(output.failed("--version")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apptainer_gets_only_the_allowed_variables() {
+        let worker_env = [
+            ("PATH", "/usr/bin"),
+            ("LC_ALL", "C.UTF-8"),
+            ("AMQP_URL", "amqp://u:secret@mq/"),
+            ("APPTAINER_CONFIGDIR", "/var/lib/x"),
+            ("APPTAINER_BIND", "/:/host"),
+            ("APPTAINERENV_LD_PRELOAD", "/evil.so"),
+            ("SINGULARITY_ALL", "1"),
+            ("FAKE_APPTAINER_LOG", "/tmp/log"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let names = |extra: &[String]| -> Vec<String> {
+            apptainer_environment(worker_env.clone(), extra)
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(names(&[]), ["PATH", "LC_ALL", "APPTAINER_CONFIGDIR"]);
+        assert_eq!(
+            names(&["FAKE_APPTAINER_*".to_owned()]),
+            [
+                "PATH",
+                "LC_ALL",
+                "APPTAINER_CONFIGDIR",
+                "FAKE_APPTAINER_LOG"
+            ]
+        );
     }
 }
