@@ -266,7 +266,13 @@ impl WorkerProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        delete_queues(&self.amqp_url, &[&self.queue, &self.reply_queue]).await;
+        // The worker declares its dead-letter queue next to the request queue.
+        let dead_letter = format!("{}.dead", self.queue);
+        delete_queues(
+            &self.amqp_url,
+            &[&self.queue, &self.reply_queue, &dead_letter],
+        )
+        .await;
         Ok(())
     }
 }

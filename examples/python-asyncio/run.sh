@@ -33,7 +33,7 @@ cleanup() {
     set +e
     [[ -n "$worker_pid" ]] && kill -TERM "$worker_pid" 2>/dev/null && wait "$worker_pid" 2>/dev/null
     "$fake_bin" instance stop --all >/dev/null 2>&1
-    "$venv/bin/python" - "$queue" "$queue.replies" <<'PY'
+    "$venv/bin/python" - "$queue" "$queue.replies" "$queue.dead" <<'PY'
 import asyncio, os, sys
 import aio_pika
 async def delete(names):

@@ -54,7 +54,7 @@ cleanup() {
         wait "$worker_pid" 2>/dev/null
     fi
     "$fake_bin" instance stop --all >/dev/null 2>&1
-    "$venv/bin/python" - "$queue" "$reply_queue" <<'PY'
+    "$venv/bin/python" - "$queue" "$reply_queue" "$queue.dead" <<'PY'
 import os, sys
 import pika
 try:

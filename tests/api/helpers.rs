@@ -339,7 +339,12 @@ impl Drop for TestWorker {
             .env("APPTAINER_CONFIGDIR", self.dir.path().join("apptainer"))
             .stderr(Stdio::null())
             .status();
-        let queues = [self.queue.clone(), self.reply_queue.clone()];
+        // The worker declares its dead-letter queue next to the request queue.
+        let queues = [
+            self.queue.clone(),
+            self.reply_queue.clone(),
+            format!("{}.dead", self.queue),
+        ];
         // Runs on a thread of its own: Drop may run inside the test's runtime.
         let _ = std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()
