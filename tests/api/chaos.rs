@@ -10,12 +10,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
-use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    named, raw_client, spawn_worker_with, start_request, RawClient, WorkerOptions,
+    named, publish_raw, raw_client, spawn_worker_with, start_request, RawClient, WorkerOptions,
 };
 
 const CONTAINERS: usize = 50;
@@ -207,22 +206,8 @@ async fn killed_at_random_moments_the_worker_loses_nothing_and_runs_nothing_twic
             worker.restart().await;
             recoveries.push(restarting.elapsed());
         }
-        let properties = BasicProperties::default()
-            .with_correlation_id(correlation.as_str().into())
-            .with_reply_to(reply_queue.as_str().into())
-            .with_delivery_mode(2);
-        channel
-            .basic_publish(
-                "".into(),
-                worker.queue.as_str().into(),
-                BasicPublishOptions::default(),
-                body.to_string().as_bytes(),
-                properties,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let properties = BasicProperties::default().with_correlation_id(correlation.as_str().into());
+        publish_raw(&channel, &reply_queue, &worker.queue, body, properties).await;
         tokio::time::sleep(pause).await;
     }
     while !kill_at.is_empty() {

@@ -6,14 +6,14 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::StreamExt;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use orchestrator_producer::Publish;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_valid_reply, named, raw_client, spawn_worker, spawn_worker_with, start_request,
+    assert_valid_reply, named, publish_raw, raw_client, spawn_worker, spawn_worker_with, start_request,
     RawClient, TestWorker, WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
 };
 
@@ -29,21 +29,8 @@ async fn call_with_properties(
         reply_queue,
         mut replies,
     } = raw_client().await;
-    let properties = properties
-        .with_reply_to(reply_queue.as_str().into())
-        .with_correlation_id(uuid::Uuid::new_v4().to_string().into());
-    channel
-        .basic_publish(
-            "".into(),
-            worker.queue.as_str().into(),
-            BasicPublishOptions::default(),
-            body.to_string().as_bytes(),
-            properties,
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    let properties = properties.with_correlation_id(uuid::Uuid::new_v4().to_string().into());
+    publish_raw(&channel, &reply_queue, &worker.queue, &body, properties).await;
     let delivery = tokio::time::timeout(REPLY_TIMEOUT, replies.next())
         .await
         .expect("a reply")

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use orchestrator_producer::{Client, PendingReply, Publish};
 use schemas::Reply;
 use serde_json::Value;
@@ -465,6 +465,32 @@ pub async fn raw_client() -> RawClient {
         channel,
         replies,
     }
+}
+
+/// Publishes `body` to `queue` on a [`RawClient`]'s channel with `properties` (made persistent,
+/// with `reply_queue` as `reply_to`), and waits for the broker's confirm.
+pub async fn publish_raw(
+    channel: &lapin::Channel,
+    reply_queue: &str,
+    queue: &str,
+    body: &Value,
+    properties: BasicProperties,
+) {
+    let properties = properties
+        .with_reply_to(reply_queue.into())
+        .with_delivery_mode(2);
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body.to_string().as_bytes(),
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 }
 
 /// A loopback port nothing listens on right now (bound, read, released).

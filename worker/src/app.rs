@@ -348,14 +348,25 @@ async fn consume_until_cancelled(
                 next = consumer.next() => next,
                 _ = stop.cancelled() => break,
             };
-            match next {
-                Some(Ok(delivery)) => intake.handle(delivery).await,
-                Some(Err(e)) => {
+            let end = match next {
+                Some(Ok(delivery)) => {
+                    let (batch, end) = with_ready_deliveries(&mut consumer, delivery).await;
+                    intake.handle_batch(batch).await;
+                    match end {
+                        Some(end) => end,
+                        None => continue,
+                    }
+                }
+                Some(Err(e)) => StreamEnd::Failed(e),
+                None => StreamEnd::Cancelled,
+            };
+            match end {
+                StreamEnd::Failed(e) => {
                     tracing::warn!(error = %e, "the request consumer failed; re-subscribing");
                     readiness.not_consuming(format!("the request consumer failed: {e}"));
                     break;
                 }
-                None => {
+                StreamEnd::Cancelled => {
                     tracing::warn!("the broker cancelled the request consumer; re-subscribing");
                     readiness.not_consuming("the broker cancelled the request consumer");
                     break;
@@ -378,6 +389,30 @@ async fn consume_until_cancelled(
         let _ = connection
             .close(200, "worker stopping or re-subscribing".into())
             .await;
+    }
+}
+
+/// Why the request consumer's stream ended.
+enum StreamEnd {
+    Failed(lapin::Error),
+    Cancelled,
+}
+
+/// The delivery in hand and those the broker has already sent behind it (at most the prefetch,
+/// since none of them is acknowledged yet), so the intake can commit their writes together;
+/// and how the stream ended, if it did meanwhile.
+async fn with_ready_deliveries(
+    consumer: &mut lapin::Consumer,
+    first: lapin::message::Delivery,
+) -> (Vec<lapin::message::Delivery>, Option<StreamEnd>) {
+    let mut batch = vec![first];
+    loop {
+        match futures_lite::future::poll_once(consumer.next()).await {
+            Some(Some(Ok(delivery))) => batch.push(delivery),
+            Some(Some(Err(e))) => return (batch, Some(StreamEnd::Failed(e))),
+            Some(None) => return (batch, Some(StreamEnd::Cancelled)),
+            None => return (batch, None),
+        }
     }
 }
 

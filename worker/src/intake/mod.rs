@@ -1,5 +1,5 @@
-//! Intake: one delivery at a time, in delivery order — decode, validate, deduplicate, write to
-//! the inbox, then acknowledge, and hand the request to its container's lane.
+//! Intake: deliveries in delivery order — decode, validate, deduplicate, write to the inbox,
+//! then acknowledge, and hand each request to its container's lane.
 //!
 //! The ack policy, which is what makes "nothing lost" true:
 //! - a write request is acknowledged only after it (or the fact that it is a duplicate) is
@@ -8,7 +8,9 @@
 //!   broker, so a crash before that makes the broker redeliver it;
 //! - an invalid request is answered (400/413) and acknowledged, never requeued.
 //!
-//! Deliveries are handled one at a time so that lanes receive requests in delivery order.
+//! Deliveries are handled in order so that lanes receive requests in delivery order; the
+//! deliveries the broker has already sent are taken together, and their write requests are
+//! committed to the inbox in one transaction.
 
 mod decode;
 pub mod validate;
@@ -32,7 +34,7 @@ use crate::outbox::Publisher;
 use crate::progress::{Progress, Watcher};
 use crate::reply::{to_body, ReplyHeader};
 use crate::scheduler::{Job, JobKind, Scheduler, GLOBAL_LANE};
-use crate::store::{now_ms, Accepted, ReplyTarget, Store};
+use crate::store::{now_ms, Accepted, Offer, ReplyTarget, Store};
 
 pub struct Intake {
     pub store: Store,
@@ -106,6 +108,52 @@ impl Envelope {
     }
 }
 
+/// A delivery taken apart by [`Intake::take`].
+enum Taken {
+    /// Answered (refused, dead-lettered) or left to the broker: nothing more to do.
+    Handled,
+    Read(TakenRead),
+    Write(TakenWrite),
+}
+
+struct TakenRead {
+    delivery: Delivery,
+    request: Request,
+    envelope: Envelope,
+    received: Instant,
+}
+
+/// A write request waiting for its batch's inbox commit.
+struct TakenWrite {
+    delivery: Delivery,
+    request: Request,
+    offer: Offer,
+    /// Whether the requester asked for progress envelopes.
+    progress: bool,
+    span: tracing::Span,
+}
+
+impl TakenWrite {
+    fn new(delivery: Delivery, request: Request, envelope: Envelope, span: &tracing::Span) -> Self {
+        let offer = Offer {
+            lane: lane_of(&request),
+            body: serde_json::to_string(&request).expect("a request always serialises"),
+            key: envelope
+                .idempotency_key
+                .unwrap_or_else(|| format!("anonymous-{}", uuid::Uuid::new_v4())),
+            deadline_ms: envelope.deadline_ms.ok().flatten(),
+            target: envelope.target,
+        };
+        Self {
+            delivery,
+            request,
+            offer,
+            progress: envelope.progress,
+            span: span.clone(),
+        }
+    }
+}
+
 /// The request's deadline: the AMQP `expiration` counted from its `timestamp` (or from now, when
 /// it has none), and the `x-deadline` header (RFC 3339); the earlier of the two.
 fn deadline_ms(properties: &lapin::BasicProperties) -> Result<Option<i64>, String> {
@@ -151,29 +199,46 @@ fn deadline_ms(properties: &lapin::BasicProperties) -> Result<Option<i64>, Strin
 }
 
 impl Intake {
-    /// Handles one delivery. Errors are logged here; the delivery is then either acknowledged
-    /// (its outcome is safe) or left to the broker.
+    /// Handles deliveries taken from the consumer together, in delivery order. Errors are
+    /// logged here; each delivery is then either acknowledged (its outcome is safe) or left to
+    /// the broker.
     ///
-    /// Everything logged about the request, here and in its lane, carries one `request` span:
+    /// Consecutive write requests share one inbox transaction (a group commit); a read waits for
+    /// the writes delivered before it to be accepted, so no request overtakes an earlier one.
+    ///
+    /// Everything logged about a request, here and in its lane, carries one `request` span:
     /// correlation id, op, container name and node. The body itself is never logged.
-    pub async fn handle(&self, delivery: Delivery) {
-        let span = tracing::info_span!(
-            "request",
-            correlation_id = tracing::field::Empty,
-            op = tracing::field::Empty,
-            container = tracing::field::Empty,
-            node = %self.node,
-            redelivered = delivery.redelivered,
-        );
-        if let Some(correlation_id) = delivery.properties.correlation_id() {
-            span.record("correlation_id", correlation_id.as_str());
+    pub async fn handle_batch(&self, deliveries: Vec<Delivery>) {
+        let mut writes = Vec::new();
+        for delivery in deliveries {
+            let span = tracing::info_span!(
+                "request",
+                correlation_id = tracing::field::Empty,
+                op = tracing::field::Empty,
+                container = tracing::field::Empty,
+                node = %self.node,
+                redelivered = delivery.redelivered,
+            );
+            if let Some(correlation_id) = delivery.properties.correlation_id() {
+                span.record("correlation_id", correlation_id.as_str());
+            }
+            match self.take(delivery, &span).instrument(span.clone()).await {
+                Taken::Handled => {}
+                Taken::Write(write) => writes.push(write),
+                Taken::Read(read) => {
+                    if !self.accept_writes(std::mem::take(&mut writes)).await {
+                        return;
+                    }
+                    self.accept_read(read).instrument(span).await;
+                }
+            }
         }
-        self.handle_in_span(delivery, &span)
-            .instrument(span.clone())
-            .await
+        self.accept_writes(writes).await;
     }
 
-    async fn handle_in_span(&self, delivery: Delivery, span: &tracing::Span) {
+    /// Takes a delivery apart: refusals and dead letters are answered here; reads and writes
+    /// are returned, to be accepted in delivery order.
+    async fn take(&self, delivery: Delivery, span: &tracing::Span) -> Taken {
         let received = Instant::now();
         let envelope = Envelope::read(&delivery, &self.default_reply_queue);
         if delivery.redelivered {
@@ -183,12 +248,12 @@ impl Intake {
                 .until_stored(|| self.store.count_redelivery(key.clone()))
                 .await
             else {
-                return;
+                return Taken::Handled;
             };
             // `count` redeliveries: this is delivery number count + 1.
             if count >= self.max_attempts {
                 self.dead_letter(delivery, envelope, count, received).await;
-                return;
+                return Taken::Handled;
             }
         }
         let decoded = match &envelope.deadline_ms {
@@ -247,12 +312,15 @@ impl Intake {
                     to_body(&reply),
                 )
                 .await;
+                Taken::Handled
             }
-            Ok(request) if request.op().is_read() => {
-                self.accept_read(delivery, request, envelope, received)
-                    .await
-            }
-            Ok(request) => self.accept_write(delivery, request, envelope).await,
+            Ok(request) if request.op().is_read() => Taken::Read(TakenRead {
+                delivery,
+                request,
+                envelope,
+                received,
+            }),
+            Ok(request) => Taken::Write(TakenWrite::new(delivery, request, envelope, span)),
         }
     }
 
@@ -347,13 +415,13 @@ impl Intake {
         .await;
     }
 
-    async fn accept_read(
-        &self,
-        delivery: Delivery,
-        request: Request,
-        envelope: Envelope,
-        received: Instant,
-    ) {
+    async fn accept_read(&self, read: TakenRead) {
+        let TakenRead {
+            delivery,
+            request,
+            envelope,
+            received,
+        } = read;
         let wants_progress = envelope.progress;
         let target = envelope.target;
         let permit = Arc::clone(&self.pending)
@@ -393,59 +461,69 @@ impl Intake {
             .spawn(answering.instrument(tracing::Span::current()));
     }
 
-    async fn accept_write(&self, delivery: Delivery, request: Request, envelope: Envelope) {
-        let permit = Arc::clone(&self.pending)
-            .acquire_owned()
+    /// Accepts write requests into the inbox in one transaction, then acknowledges their
+    /// deliveries and hands them to their lanes, in order. `false` when shutdown came first:
+    /// the deliveries are left to the broker.
+    async fn accept_writes(&self, writes: Vec<TakenWrite>) -> bool {
+        if writes.is_empty() {
+            return true;
+        }
+        let offers: Arc<Vec<Offer>> = Arc::new(writes.iter().map(|w| w.offer.clone()).collect());
+        let Some(accepted) = self
+            .until_stored(|| self.store.accept_all(Arc::clone(&offers)))
             .await
-            .expect("the pending semaphore is never closed");
-        let lane = lane_of(&request);
-        let body = serde_json::to_string(&request).expect("a request always serialises");
-        let key = envelope
-            .idempotency_key
-            .unwrap_or_else(|| format!("anonymous-{}", uuid::Uuid::new_v4()));
-        let deadline_ms = envelope.deadline_ms.ok().flatten();
-        let target = envelope.target;
-        let progress = envelope.progress.then(|| target.clone());
-        let accepted = self
-            .until_stored(|| {
-                self.store.accept(
-                    key.clone(),
-                    lane.clone(),
-                    body.clone(),
-                    deadline_ms,
-                    target.clone(),
-                )
-            })
-            .await;
+        else {
+            return false;
+        };
+        for (write, accepted) in writes.into_iter().zip(accepted) {
+            let span = write.span.clone();
+            self.submit_write(write, accepted).instrument(span).await;
+        }
+        true
+    }
+
+    async fn submit_write(&self, write: TakenWrite, accepted: Accepted) {
+        let TakenWrite {
+            delivery,
+            request,
+            offer,
+            progress,
+            span,
+        } = write;
+        let key = offer.key;
         let seq = match accepted {
-            None => return,
-            Some(Accepted::New { seq }) => seq,
-            Some(Accepted::AlreadyQueued { seq }) => {
+            Accepted::New { seq } => seq,
+            Accepted::AlreadyQueued { seq } => {
                 metrics::counter!(crate::metrics::DUPLICATES_SUPPRESSED).increment(1);
                 tracing::info!(
                     seq,
                     key,
                     "duplicate of a queued request; it will get the same reply"
                 );
-                ack(delivery).await;
+                self.acknowledge(delivery);
                 return;
             }
-            Some(Accepted::AlreadyAnswered { seq }) => {
+            Accepted::AlreadyAnswered { seq } => {
                 metrics::counter!(crate::metrics::DUPLICATES_SUPPRESSED).increment(1);
                 tracing::info!(
                     seq,
                     key,
                     "duplicate of a finished request; its reply is sent again"
                 );
-                ack(delivery).await;
+                self.acknowledge(delivery);
                 self.outbox_wake.notify_one();
                 return;
             }
         };
-        ack(delivery).await;
+        self.acknowledge(delivery);
+        let permit = Arc::clone(&self.pending)
+            .acquire_owned()
+            .await
+            .expect("the pending semaphore is never closed");
         let received_ms = now_ms();
+        let progress = progress.then(|| offer.target.clone());
         if let Some(target) = &progress {
-            self.report_queued(&request, &lane, target.clone(), received_ms)
+            self.report_queued(&request, &offer.lane, target.clone(), received_ms)
                 .await;
         }
         let job = Job {
@@ -453,13 +531,19 @@ impl Intake {
                 request,
                 seq,
                 received_ms,
-                deadline_ms,
+                deadline_ms: offer.deadline_ms,
             },
             permit: Some(permit),
             progress,
-            span: tracing::Span::current(),
+            span,
         };
-        self.scheduler.submit(&lane, job);
+        self.scheduler.submit(&offer.lane, job);
+    }
+
+    /// Acknowledges a delivery whose outcome is safe, without holding up the next one.
+    fn acknowledge(&self, delivery: Delivery) {
+        self.tracker
+            .spawn(ack(delivery).instrument(tracing::Span::current()));
     }
 
     /// Tells a requester that asked for progress where its request waits. Sent (and confirmed)

@@ -7,6 +7,7 @@
 mod apptainer;
 mod children;
 pub mod definition;
+mod sandbox;
 
 use std::path::Path;
 use std::time::Duration;
@@ -61,6 +62,8 @@ pub enum RuntimeError {
         program: String,
         reason: String,
     },
+    #[error("could not look inside image {image}: {reason}")]
+    Inspect { image: String, reason: String },
     #[error("apptainer {command} printed output that could not be read: {reason}")]
     Unparseable {
         command: &'static str,
@@ -93,7 +96,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// Stops instance `name`.
     async fn stop_instance(&self, name: &str) -> Result<Stopped, RuntimeError>;
 
-    /// Whether `path` is a directory inside `image`.
+    /// Whether `path` is a directory inside `image` (symbolic links followed inside the image).
     async fn is_dir_in_image(&self, image: &Path, path: &str) -> Result<bool, RuntimeError>;
 
     /// `apptainer --version`.

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cli::{self, Fail, Res};
 use crate::controls::{self, Controls};
-use crate::image::{ImageMeta, ENV_FILE, SIF_MAGIC};
+use crate::image::{ImageMeta, ENV_FILE, SIF_MAGIC, URI_TRANSPORTS};
 use crate::sylog;
 use crate::sys;
 
@@ -95,19 +95,6 @@ const APP_SECTIONS: &[&str] = &[
 /// Top-level directories of a fake sandbox.
 const ROOT_DIRS: &[&str] = &[
     "dev", "proc", "sys", "tmp", "home", "root", "etc", "usr", "bin", "opt", "mnt", "srv", "var",
-];
-
-/// URI transports accepted as a build spec.
-const URI_TRANSPORTS: &[&str] = &[
-    "docker",
-    "docker-archive",
-    "docker-daemon",
-    "oci",
-    "oci-archive",
-    "oras",
-    "shub",
-    "http",
-    "https",
 ];
 
 /// One stage of a definition file.

@@ -755,6 +755,26 @@ fn invalid(flag: &Flag, value: &str, why: &str) -> String {
     )
 }
 
+/// Parses the arguments of a command that needs at least `needed` positional
+/// ones. `Err` holds how the command ends here: its `--help`, or cobra's error
+/// for too few arguments.
+pub fn parse_needing(cmd: &'static Cmd, args: &[String], needed: usize) -> Result<Parsed, Res> {
+    let p = parse(cmd, args).map_err(Err)?;
+    if p.help {
+        return Err(help(cmd));
+    }
+    if p.args.len() < needed {
+        return Err(Err(Fail::Command(
+            cmd,
+            format!(
+                "requires at least {needed} arg(s), only received {}",
+                p.args.len()
+            ),
+        )));
+    }
+    Ok(p)
+}
+
 /// Parses `args` with the options of `cmd`; errors are cobra flag errors (exit 1).
 pub fn parse(cmd: &'static Cmd, args: &[String]) -> Result<Parsed, Fail> {
     parse_args(cmd, args).map_err(|msg| Fail::Flag(cmd, msg))

@@ -25,16 +25,10 @@ const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 
 pub fn run(args: &[String]) -> Res {
     let cmd = &cli::EXEC;
-    let p = cli::parse(cmd, args)?;
-    if p.help {
-        return cli::help(cmd);
-    }
-    if p.args.len() < 2 {
-        return Err(Fail::Command(
-            cmd,
-            format!("requires at least 2 arg(s), only received {}", p.args.len()),
-        ));
-    }
+    let p = match cli::parse_needing(cmd, args, 2) {
+        Ok(p) => p,
+        Err(ends) => return ends,
+    };
     Controls::load().gate("exec")?;
     let ident = Ident::load();
     let target = &p.args[0];

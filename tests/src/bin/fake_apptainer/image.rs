@@ -172,8 +172,9 @@ fn read_sif(path: &Path) -> Option<ImageMeta> {
 // ---------------------------------------------------------------------------
 // Opening images for exec and instance start
 
-/// Transports that `exec`/`instance start` pull into the cache.
-const PULL_TRANSPORTS: &[&str] = &[
+/// URI transports: accepted as a build spec, and pulled into the cache by `exec`/`instance
+/// start`.
+pub const URI_TRANSPORTS: &[&str] = &[
     "docker",
     "docker-archive",
     "docker-daemon",
@@ -200,7 +201,7 @@ pub fn open(arg: &str, ident: &Ident) -> Result<String, Fail> {
                 "Unable to handle {arg} uri: no default remote with library client in use (see https://apptainer.org/docs/user/latest/endpoint.html#no-default-remote)"
             )));
         }
-        if PULL_TRANSPORTS.contains(&transport) {
+        if URI_TRANSPORTS.contains(&transport) {
             return pull_to_cache(arg, transport, reference, ident);
         }
         if transport != "instance" {

@@ -297,16 +297,10 @@ pub fn start(args: &[String], run: bool) -> Res {
     } else {
         &cli::INSTANCE_START
     };
-    let p = cli::parse(cmd, args)?;
-    if p.help {
-        return cli::help(cmd);
-    }
-    if p.args.len() < 2 {
-        return Err(Fail::Command(
-            cmd,
-            format!("requires at least 2 arg(s), only received {}", p.args.len()),
-        ));
-    }
+    let p = match cli::parse_needing(cmd, args, 2) {
+        Ok(p) => p,
+        Err(ends) => return ends,
+    };
     Controls::load().gate("instance-start")?;
     let (image_arg, name) = (p.args[0].as_str(), p.args[1].as_str());
     let ident = Ident::load();

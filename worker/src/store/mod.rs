@@ -4,13 +4,18 @@
 //! records, the request being marked done, its stored reply and the outbox rows that carry it to
 //! every requester commit together or not at all. A crash therefore leaves either the old state
 //! with the request still in the inbox (it is resumed at start-up) or the new state with its
-//! reply waiting in the outbox. All calls run on the blocking pool, off the async threads.
+//! reply waiting in the outbox. Calls run off the async threads: reads on the blocking pool,
+//! writes on the writer thread, which commits the writes that arrive together at once
+//! ([`writer`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension};
+
+mod writer;
+use writer::Writer;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts the ones applied. Never
 /// edit one that has shipped: add the next.
@@ -102,6 +107,9 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("the state database task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The group transaction the call was committed in failed (or the writer is gone).
+    #[error("the state database failed: {0}")]
+    Group(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -151,6 +159,21 @@ pub struct ReplyTarget {
     pub correlation_id: Option<String>,
 }
 
+/// A write request offered to the inbox.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    /// The idempotency key: a later offer with the same key is a duplicate.
+    pub key: String,
+    /// The lane it runs in.
+    pub lane: String,
+    /// The request, as JSON.
+    pub body: String,
+    /// When it must have run by (unix ms).
+    pub deadline_ms: Option<i64>,
+    /// Where its reply goes.
+    pub target: ReplyTarget,
+}
+
 /// The result of offering a write request to the inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
@@ -182,27 +205,29 @@ pub struct OutboxRow {
     pub body: String,
 }
 
-/// A handle on the database; cheap to clone.
+/// A handle on the database; cheap to clone. Reads run on the blocking pool over their own
+/// connection; every write goes to the [`Writer`] thread, which commits the writes that arrive
+/// together in one transaction.
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// For point reads, run in place (see [`Store::lookup`]).
+    lookups: Arc<Mutex<Connection>>,
+    writer: Writer,
 }
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and applies pending migrations.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        let mut conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // NORMAL in WAL mode: a commit survives a crash of the process; only a power loss can
-        // lose the last transactions, never corrupt the database.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        // Room for every statement the store prepares, so none is compiled twice.
-        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        migrate(&mut conn)?;
+        let mut writing = connect(path)?;
+        migrate(&mut writing)?;
+        let writer = Writer::start(writing).map_err(|e| {
+            StoreError::Group(format!("could not start the store's writer thread: {e}"))
+        })?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(Mutex::new(connect(path)?)),
+            lookups: Arc::new(Mutex::new(connect(path)?)),
+            writer,
         })
     }
 
@@ -225,7 +250,15 @@ impl Store {
         Ok(written)
     }
 
-    /// Runs `f` with the connection on the blocking pool.
+    /// Runs a point read (one row found by its key, microseconds from the page cache) in place,
+    /// on a connection kept for them: handing it to another thread would cost more than the
+    /// read. Anything that scans goes through [`Store::with`] instead.
+    fn lookup<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+        let conn = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+
+    /// Runs the read `f` with the reading connection on the blocking pool.
     async fn with<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -249,74 +282,59 @@ impl Store {
         deadline_ms: Option<i64>,
         target: ReplyTarget,
     ) -> StoreResult<Accepted> {
-        self.with(move |conn| {
-            let tx = conn.transaction()?;
-            let seen: Option<(i64, String, Option<String>)> = tx
-                .prepare_cached(
-                    "SELECT seq, state, reply FROM requests WHERE idempotency_key = ?1",
-                )?
-                .query_row([&key], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-                .optional()?;
-            let accepted = match seen {
-                Some((seq, state, Some(reply))) if state == "done" => {
-                    let reply = with_correlation_id(&reply, target.correlation_id.as_deref())?;
-                    insert_outbox(&tx, &target, &reply)?;
-                    Accepted::AlreadyAnswered { seq }
-                }
-                Some((seq, _, _)) => {
-                    insert_waiter(&tx, seq, &target)?;
-                    Accepted::AlreadyQueued { seq }
-                }
-                None => {
-                    tx.prepare_cached(
-                        "INSERT INTO requests
-                         (idempotency_key, lane, body, state, received_ms, deadline_ms)
-                         VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
-                    )?
-                    .execute(params![
-                        key,
-                        lane,
-                        body,
-                        now_ms(),
-                        deadline_ms
-                    ])?;
-                    let seq = tx.last_insert_rowid();
-                    insert_waiter(&tx, seq, &target)?;
-                    Accepted::New { seq }
-                }
-            };
-            tx.commit()?;
-            Ok(accepted)
-        })
-        .await
+        let offer = Offer {
+            key,
+            lane,
+            body,
+            deadline_ms,
+            target,
+        };
+        let mut accepted = self.accept_all(Arc::new(vec![offer])).await?;
+        Ok(accepted.remove(0))
+    }
+
+    /// Offers write requests to the inbox in one transaction (a group commit), in order: a
+    /// later offer with the key of an earlier one is its duplicate. One outcome per offer, all
+    /// committed together or none.
+    pub async fn accept_all(&self, offers: Arc<Vec<Offer>>) -> StoreResult<Vec<Accepted>> {
+        self.writer
+            .call(move |tx| {
+                offers
+                    .iter()
+                    .map(|offer| accept_one(tx, offer))
+                    .collect::<StoreResult<Vec<_>>>()
+            })
+            .await
     }
 
     /// Marks a request as running and records the intent of its next side effect. Called before
     /// every step that changes the host, so recovery knows the step may have happened.
     pub async fn record_intent(&self, seq: i64, intent: &'static str) -> StoreResult<()> {
-        self.with(move |conn| {
-            conn.prepare_cached(
-                "UPDATE requests SET state = 'running', intent = ?2 WHERE seq = ?1",
-            )?
-            .execute(params![seq, intent])?;
-            Ok(())
-        })
-        .await
+        self.writer
+            .call(move |conn| {
+                conn.prepare_cached(
+                    "UPDATE requests SET state = 'running', intent = ?2 WHERE seq = ?1",
+                )?
+                .execute(params![seq, intent])?;
+                Ok(())
+            })
+            .await
     }
 
     /// Counts one more attempt at running a request, and returns the count (1 on the first run;
     /// more means an earlier run was interrupted and its side effects may be on the host).
     pub async fn begin_attempt(&self, seq: i64) -> StoreResult<u32> {
-        self.with(move |conn| {
-            let attempts = conn
+        self.writer
+            .call(move |conn| {
+                let attempts = conn
                 .prepare_cached(
                     "UPDATE requests SET state = 'running', attempts = attempts + 1 WHERE seq = ?1
                      RETURNING attempts",
                 )?
                 .query_row([seq], |row| row.get(0))?;
-            Ok(attempts)
-        })
-        .await
+                Ok(attempts)
+            })
+            .await
     }
 
     /// Finishes a request in one transaction: applies `change`, stores `reply` for later
@@ -326,28 +344,28 @@ impl Store {
     where
         R: Fn(Option<&str>) -> String + Send + 'static,
     {
-        self.with(move |conn| {
-            let tx = conn.transaction()?;
-            apply_change(&tx, &change)?;
-            let waiters = {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT reply_to, correlation_id FROM request_waiters WHERE seq = ?1",
-                )?;
-                let rows = stmt.query_map([seq], |row| {
-                    Ok(ReplyTarget {
-                        reply_to: row.get(0)?,
-                        correlation_id: row.get(1)?,
-                    })
-                })?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            };
-            let first_correlation = waiters.first().and_then(|w| w.correlation_id.clone());
-            for waiter in &waiters {
-                insert_outbox(&tx, waiter, &reply_for(waiter.correlation_id.as_deref()))?;
-            }
-            tx.prepare_cached("DELETE FROM request_waiters WHERE seq = ?1")?
-                .execute([seq])?;
-            tx.prepare_cached(
+        self.writer
+            .call(move |tx| {
+                apply_change(tx, &change)?;
+                let waiters = {
+                    let mut stmt = tx.prepare_cached(
+                        "SELECT reply_to, correlation_id FROM request_waiters WHERE seq = ?1",
+                    )?;
+                    let rows = stmt.query_map([seq], |row| {
+                        Ok(ReplyTarget {
+                            reply_to: row.get(0)?,
+                            correlation_id: row.get(1)?,
+                        })
+                    })?;
+                    rows.collect::<Result<Vec<_>, _>>()?
+                };
+                let first_correlation = waiters.first().and_then(|w| w.correlation_id.clone());
+                for waiter in &waiters {
+                    insert_outbox(tx, waiter, &reply_for(waiter.correlation_id.as_deref()))?;
+                }
+                tx.prepare_cached("DELETE FROM request_waiters WHERE seq = ?1")?
+                    .execute([seq])?;
+                tx.prepare_cached(
                 "UPDATE requests SET state = 'done', intent = NULL, finished_ms = ?2, reply = ?3
                  WHERE seq = ?1",
             )?
@@ -356,10 +374,9 @@ impl Store {
                 now_ms(),
                 reply_for(first_correlation.as_deref())
             ])?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+                Ok(())
+            })
+            .await
     }
 
     /// Requests accepted but not finished, in arrival order.
@@ -387,42 +404,41 @@ impl Store {
 
     /// When a request was accepted (for the reply's duration).
     pub async fn received_ms(&self, seq: i64) -> StoreResult<i64> {
-        self.with(move |conn| {
-            Ok(conn.query_row(
-                "SELECT received_ms FROM requests WHERE seq = ?1",
-                [seq],
-                |r| r.get(0),
-            )?)
+        self.lookup(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT received_ms FROM requests WHERE seq = ?1")?
+                .query_row([seq], |r| r.get(0))?)
         })
-        .await
     }
 
     /// Forgets finished requests (and redelivery counts) older than `age_ms`: duplicates
     /// arriving later run again.
     pub async fn prune_finished(&self, age_ms: i64) -> StoreResult<usize> {
-        self.with(move |conn| {
-            let cutoff = now_ms() - age_ms;
-            conn.execute("DELETE FROM redeliveries WHERE updated_ms < ?1", [cutoff])?;
-            Ok(conn.execute(
-                "DELETE FROM requests WHERE state = 'done' AND finished_ms < ?1",
-                [cutoff],
-            )?)
-        })
-        .await
+        self.writer
+            .call(move |conn| {
+                let cutoff = now_ms() - age_ms;
+                conn.execute("DELETE FROM redeliveries WHERE updated_ms < ?1", [cutoff])?;
+                Ok(conn.execute(
+                    "DELETE FROM requests WHERE state = 'done' AND finished_ms < ?1",
+                    [cutoff],
+                )?)
+            })
+            .await
     }
 
     /// Counts one more redelivery of the message identified by `key`; returns the count.
     pub async fn count_redelivery(&self, key: String) -> StoreResult<u32> {
-        self.with(move |conn| {
-            Ok(conn.query_row(
-                "INSERT INTO redeliveries (key, count, updated_ms) VALUES (?1, 1, ?2)
+        self.writer
+            .call(move |conn| {
+                Ok(conn.query_row(
+                    "INSERT INTO redeliveries (key, count, updated_ms) VALUES (?1, 1, ?2)
                  ON CONFLICT (key) DO UPDATE SET count = count + 1, updated_ms = ?2
                  RETURNING count",
-                params![key, now_ms()],
-                |row| row.get(0),
-            )?)
-        })
-        .await
+                    params![key, now_ms()],
+                    |row| row.get(0),
+                )?)
+            })
+            .await
     }
 
     /// How many requests are accepted but unfinished (the inbox), and how many replies wait to
@@ -443,25 +459,22 @@ impl Store {
 
     /// Writes and commits a row: succeeds only when the database accepts writes.
     pub async fn probe_writable(&self) -> StoreResult<()> {
-        self.with(|conn| {
-            conn.execute(
-                "INSERT OR REPLACE INTO write_probe (id, at_ms) VALUES (1, ?1)",
-                [now_ms()],
-            )?;
-            Ok(())
-        })
-        .await
+        self.writer
+            .call(|conn| {
+                conn.execute(
+                    "INSERT OR REPLACE INTO write_probe (id, at_ms) VALUES (1, ?1)",
+                    [now_ms()],
+                )?;
+                Ok(())
+            })
+            .await
     }
 
     /// Records a container's state outside any request (the reconciler's findings).
     pub async fn put_container(&self, row: ContainerRow) -> StoreResult<()> {
-        self.with(move |conn| {
-            let tx = conn.transaction()?;
-            apply_change(&tx, &Change::Put(row))?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+        self.writer
+            .call(move |conn| apply_change(conn, &Change::Put(row)))
+            .await
     }
 
     /// Names of the containers recorded as running.
@@ -476,21 +489,17 @@ impl Store {
 
     /// Whether a container of that name is registered.
     pub async fn is_registered(&self, name: &str) -> StoreResult<bool> {
-        let name = name.to_owned();
-        self.with(move |conn| {
+        self.lookup(|conn| {
             Ok(conn
-                .query_row("SELECT 1 FROM containers WHERE name = ?1", [name], |_| {
-                    Ok(())
-                })
+                .prepare_cached("SELECT 1 FROM containers WHERE name = ?1")?
+                .query_row([name], |_| Ok(()))
                 .optional()?
                 .is_some())
         })
-        .await
     }
 
     pub async fn container(&self, name: &str) -> StoreResult<Option<ContainerRow>> {
-        let name = name.to_owned();
-        self.with(move |conn| {
+        self.lookup(|conn| {
             conn.prepare_cached(&format!(
                 "SELECT {CONTAINER_COLUMNS} FROM containers WHERE name = ?1"
             ))?
@@ -498,7 +507,6 @@ impl Store {
             .optional()?
             .transpose()
         })
-        .await
     }
 
     /// One page of containers by name (pages count from 1), and the total count.
@@ -524,8 +532,7 @@ impl Store {
     }
 
     pub async fn leftover(&self, name: &str) -> StoreResult<Option<LeftoverRow>> {
-        let name = name.to_owned();
-        self.with(move |conn| {
+        self.lookup(|conn| {
             Ok(conn
                 .prepare_cached(
                     "SELECT name, image, image_path FROM leftover_data WHERE name = ?1",
@@ -533,7 +540,6 @@ impl Store {
                 .query_row([name], leftover_from_row)
                 .optional()?)
         })
-        .await
     }
 
     pub async fn leftovers(&self) -> StoreResult<Vec<LeftoverRow>> {
@@ -570,19 +576,30 @@ impl Store {
 
     /// Removes replies the broker has confirmed (or that can never be delivered).
     pub async fn outbox_remove(&self, ids: Vec<i64>) -> StoreResult<()> {
-        self.with(move |conn| {
-            let tx = conn.transaction()?;
-            {
-                let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+        self.writer
+            .call(move |conn| {
+                let mut stmt = conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
                 for id in ids {
                     stmt.execute([id])?;
                 }
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+                Ok(())
+            })
+            .await
     }
+}
+
+/// Opens a connection with the store's settings.
+fn connect(path: &Path) -> StoreResult<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // NORMAL in WAL mode: a commit survives a crash of the process; only a power loss can
+    // lose the last transactions, never corrupt the database.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Room for every statement the store prepares, so none is compiled twice.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
 }
 
 fn migrate(conn: &mut Connection) -> StoreResult<()> {
@@ -639,7 +656,7 @@ fn leftover_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LeftoverRow> {
     })
 }
 
-fn apply_change(tx: &Transaction<'_>, change: &Change) -> StoreResult<()> {
+fn apply_change(tx: &Connection, change: &Change) -> StoreResult<()> {
     match change {
         Change::Nothing => {}
         Change::Put(c) => {
@@ -690,7 +707,44 @@ fn with_correlation_id(reply: &str, correlation_id: Option<&str>) -> StoreResult
     Ok(reply.to_string())
 }
 
-fn insert_waiter(tx: &Transaction<'_>, seq: i64, target: &ReplyTarget) -> rusqlite::Result<()> {
+fn accept_one(tx: &Connection, offer: &Offer) -> StoreResult<Accepted> {
+    let seen: Option<(i64, String, Option<String>)> = tx
+        .prepare_cached("SELECT seq, state, reply FROM requests WHERE idempotency_key = ?1")?
+        .query_row([&offer.key], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    Ok(match seen {
+        Some((seq, state, Some(reply))) if state == "done" => {
+            let reply = with_correlation_id(&reply, offer.target.correlation_id.as_deref())?;
+            insert_outbox(tx, &offer.target, &reply)?;
+            Accepted::AlreadyAnswered { seq }
+        }
+        Some((seq, _, _)) => {
+            insert_waiter(tx, seq, &offer.target)?;
+            Accepted::AlreadyQueued { seq }
+        }
+        None => {
+            tx.prepare_cached(
+                "INSERT INTO requests
+                 (idempotency_key, lane, body, state, received_ms, deadline_ms)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
+            )?
+            .execute(params![
+                offer.key,
+                offer.lane,
+                offer.body,
+                now_ms(),
+                offer.deadline_ms
+            ])?;
+            let seq = tx.last_insert_rowid();
+            insert_waiter(tx, seq, &offer.target)?;
+            Accepted::New { seq }
+        }
+    })
+}
+
+fn insert_waiter(tx: &Connection, seq: i64, target: &ReplyTarget) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO request_waiters (seq, reply_to, correlation_id) VALUES (?1, ?2, ?3)",
     )?
@@ -698,7 +752,7 @@ fn insert_waiter(tx: &Transaction<'_>, seq: i64, target: &ReplyTarget) -> rusqli
     Ok(())
 }
 
-fn insert_outbox(tx: &Transaction<'_>, target: &ReplyTarget, body: &str) -> rusqlite::Result<()> {
+fn insert_outbox(tx: &Connection, target: &ReplyTarget, body: &str) -> rusqlite::Result<()> {
     tx.prepare_cached("INSERT INTO outbox (reply_to, correlation_id, body) VALUES (?1, ?2, ?3)")?
         .execute(params![target.reply_to, target.correlation_id, body])?;
     Ok(())
