@@ -206,7 +206,8 @@ async fn killed_at_random_moments_the_worker_loses_nothing_and_runs_nothing_twic
             worker.restart().await;
             recoveries.push(restarting.elapsed());
         }
-        let properties = BasicProperties::default().with_correlation_id(correlation.as_str().into());
+        let properties =
+            BasicProperties::default().with_correlation_id(correlation.as_str().into());
         publish_raw(&channel, &reply_queue, &worker.queue, body, properties).await;
         tokio::time::sleep(pause).await;
     }

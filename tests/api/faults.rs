@@ -13,8 +13,8 @@ use orchestrator_producer::Publish;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_valid_reply, named, publish_raw, raw_client, spawn_worker, spawn_worker_with, start_request,
-    RawClient, TestWorker, WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
+    assert_valid_reply, named, publish_raw, raw_client, spawn_worker, spawn_worker_with,
+    start_request, RawClient, TestWorker, WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
 };
 
 /// Publishes `body` with raw AMQP properties and awaits its reply on a queue of its own.

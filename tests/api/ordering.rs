@@ -117,6 +117,47 @@ async fn starts_of_different_containers_overlap_up_to_the_concurrency_limit() {
 }
 
 #[tokio::test]
+async fn a_stop_does_not_wait_for_builds_that_fill_every_build_slot() {
+    // Arrange: nb1 running, then the only build slot taken by a long build of nb2.
+    let worker = spawn_worker_with(WorkerOptions {
+        concurrency: Some(1),
+        ..WorkerOptions::default()
+    })
+    .await;
+    assert_eq!(worker.call(start_request("nb1")).await.status, 201);
+    worker.control_fake(&["DELAY_MS=build=4000"]);
+    let slow_start = worker.send(start_request("nb2"), Publish::default()).await;
+    let builds_begun = || {
+        worker
+            .fake_calls_begun()
+            .iter()
+            .filter(|argv| argv.first().is_some_and(|a| a == "build"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+    while builds_begun() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nb2's build never began"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Act
+    let stop = worker.call(named("stop", "nb1")).await;
+
+    // Assert: answered while nb2's build still holds the slot.
+    assert_eq!(stop.status, 200, "{stop:?}");
+    let builds_finished = worker
+        .fake_calls()
+        .iter()
+        .filter(|c| c.subcommand() == "build")
+        .count();
+    assert_eq!(builds_finished, 1, "the stop waited for nb2's build");
+    assert_eq!(slow_start.wait(REPLY_TIMEOUT).await.unwrap().status, 201);
+}
+
+#[tokio::test]
 async fn a_getcont_published_after_a_start_sees_the_started_container() {
     let worker = spawn_worker_with(WorkerOptions {
         env: vec![("FAKE_APPTAINER_DELAY_MS".into(), "build=500".into())],

@@ -20,7 +20,7 @@ use crate::ops::OpContext;
 use crate::outbox::{self, reconnect_backoff, Publisher};
 use crate::progress::Progress;
 use crate::reconciler::Reconciler;
-use crate::runtime::{Apptainer, Runtime};
+use crate::runtime::{Apptainer, Limits, Runtime};
 use crate::scheduler::{Executor, Job, JobKind, Scheduler};
 use crate::settings::{RestorePolicy, Settings};
 use crate::store::Store;
@@ -97,7 +97,10 @@ impl Worker {
                 settings.data_dir.join("run/apptainer-calls"),
                 settings.apptainer.clone(),
                 settings.network.clone(),
-                settings.concurrency as usize,
+                Limits {
+                    builds: settings.concurrency as usize,
+                    commands: settings.command_concurrency as usize,
+                },
                 settings.stop_grace_secs,
                 settings.build_timeout(),
                 settings.command_timeout(),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::broker::Broker;
-use crate::runtime::{Apptainer, Runtime};
+use crate::runtime::{Apptainer, Limits, Runtime};
 use crate::settings::Settings;
 use crate::store::Store;
 
@@ -219,7 +219,10 @@ async fn check_apptainer(settings: &Settings) -> Result<String, Failure> {
         records.clone(),
         settings.apptainer.clone(),
         settings.network.clone(),
-        1,
+        Limits {
+            builds: 1,
+            commands: 1,
+        },
         settings.stop_grace_secs,
         VERSION_TIMEOUT,
         VERSION_TIMEOUT,

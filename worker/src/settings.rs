@@ -44,9 +44,15 @@ pub struct Settings {
     #[arg(long, env = "APPTAINER_BIN", default_value = "apptainer")]
     pub apptainer: PathBuf,
 
-    /// How many apptainer processes may run at once (builds, starts, stops, checks).
+    /// How many image builds may run at once: the heavy apptainer calls (CPU, disk, image
+    /// downloads). Containers of different names build in parallel up to this many.
     #[arg(long, env = "ORCHESTRATOR_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub concurrency: u32,
+
+    /// How many other apptainer commands may run at once (instance start, stop and list,
+    /// exec). They have their own limit so that a stop or a start never waits behind builds.
+    #[arg(long, env = "ORCHESTRATOR_COMMAND_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub command_concurrency: u32,
 
     /// How many unacknowledged deliveries the broker may send ahead.
     #[arg(long, env = "ORCHESTRATOR_PREFETCH", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]

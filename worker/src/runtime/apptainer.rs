@@ -65,6 +65,16 @@ pub fn apptainer_environment(
 /// that kept a pipe open must not hold the call.
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
+/// How many apptainer processes may run at once, of each kind.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Image builds: the heavy calls (CPU, disk, downloads).
+    pub builds: usize,
+    /// Every other call (instance start, stop and list, exec, version): short, and never made
+    /// to wait behind a build.
+    pub commands: usize,
+}
+
 /// Runs `apptainer` subcommands.
 pub struct Apptainer {
     program: PathBuf,
@@ -72,7 +82,8 @@ pub struct Apptainer {
     stop_grace_secs: u64,
     build_timeout: Duration,
     command_timeout: Duration,
-    permits: Arc<Semaphore>,
+    builds: Arc<Semaphore>,
+    commands: Arc<Semaphore>,
     env: Vec<(String, String)>,
     children: ChildRegistry,
 }
@@ -131,7 +142,7 @@ impl Apptainer {
         children_dir: PathBuf,
         program: PathBuf,
         network: String,
-        concurrency: usize,
+        limits: Limits,
         stop_grace_secs: u64,
         build_timeout: Duration,
         command_timeout: Duration,
@@ -146,21 +157,22 @@ impl Apptainer {
             stop_grace_secs,
             build_timeout,
             command_timeout,
-            permits: Arc::new(Semaphore::new(concurrency)),
+            builds: Arc::new(Semaphore::new(limits.builds)),
+            commands: Arc::new(Semaphore::new(limits.commands)),
             env,
             children,
         })
     }
 
-    /// Runs `apptainer ARGS…`, waiting at most `timeout`.
+    /// Runs `apptainer ARGS…` once one of `slots` is free, waiting at most `timeout`.
     async fn run(
         &self,
+        slots: &Semaphore,
         command: &'static str,
         args: &[&str],
         timeout: Duration,
     ) -> Result<Output, RuntimeError> {
-        let _permit = self
-            .permits
+        let _permit = slots
             .acquire()
             .await
             .expect("the apptainer semaphore is never closed");
@@ -219,7 +231,7 @@ impl Apptainer {
     /// Runs an `instance list --json` command and reads its output.
     async fn list(&self, args: &[&str]) -> Result<Vec<InstanceInfo>, RuntimeError> {
         let output = self
-            .run("instance list", args, self.command_timeout)
+            .run(&self.commands, "instance list", args, self.command_timeout)
             .await?;
         if output.code != Some(0) {
             return Err(output.failed("instance list"));
@@ -324,7 +336,9 @@ impl Runtime for Apptainer {
             path_arg(image)?,
             path_arg(definition)?,
         ];
-        let output = self.run("build", &args, self.build_timeout).await?;
+        let output = self
+            .run(&self.builds, "build", &args, self.build_timeout)
+            .await?;
         match output.code {
             Some(0) => Ok(()),
             _ => Err(output.failed("build")),
@@ -350,7 +364,12 @@ impl Runtime for Apptainer {
         }
         args.extend([path_arg(image)?, name]);
         let output = self
-            .run("instance start", &args, self.command_timeout)
+            .run(
+                &self.commands,
+                "instance start",
+                &args,
+                self.command_timeout,
+            )
             .await?;
         match output.code {
             Some(0) => Ok(()),
@@ -373,7 +392,9 @@ impl Runtime for Apptainer {
         let args = ["instance", "stop", "--timeout", grace.as_str(), name];
         // The stop itself may wait `grace` seconds before killing; allow for it.
         let timeout = self.command_timeout + Duration::from_secs(self.stop_grace_secs);
-        let output = self.run("instance stop", &args, timeout).await?;
+        let output = self
+            .run(&self.commands, "instance stop", &args, timeout)
+            .await?;
         match output.code {
             Some(0) => Ok(Stopped::Stopped),
             Some(1) if output.stderr.contains("no instance found") => Ok(Stopped::WasNotRunning),
@@ -395,7 +416,9 @@ impl Runtime for Apptainer {
                 });
         }
         let args = ["exec", path_arg(image)?, "test", "-d", path];
-        let output = self.run("exec", &args, self.command_timeout).await?;
+        let output = self
+            .run(&self.commands, "exec", &args, self.command_timeout)
+            .await?;
         match output.code {
             Some(0) => Ok(true),
             Some(1) => Ok(false),
@@ -405,7 +428,12 @@ impl Runtime for Apptainer {
 
     async fn version(&self) -> Result<String, RuntimeError> {
         let output = self
-            .run("--version", &["--version"], self.command_timeout)
+            .run(
+                &self.commands,
+                "--version",
+                &["--version"],
+                self.command_timeout,
+            )
             .await?;
         match output.code {
             Some(0) => Ok(output.stdout.trim().to_owned()),

@@ -12,7 +12,7 @@ mod sandbox;
 use std::path::Path;
 use std::time::Duration;
 
-pub use apptainer::Apptainer;
+pub use apptainer::{Apptainer, Limits};
 
 /// An instance as `instance list --json` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
