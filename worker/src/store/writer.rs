@@ -125,3 +125,60 @@ fn run_group(conn: &mut Connection, group: &mut [Box<dyn Work>]) -> StoreResult<
     tx.commit()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Writer;
+    use crate::store::StoreError;
+
+    #[tokio::test]
+    async fn a_failing_call_is_rolled_back_alone_and_the_others_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.sqlite");
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+            .unwrap();
+        let writer = Writer::start(conn).unwrap();
+
+        // Sent together, so they share transactions; call 7 writes, then fails.
+        let calls: Vec<_> = (0..20i64)
+            .map(|n| {
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    writer
+                        .call(move |conn| {
+                            conn.execute("INSERT INTO t (n) VALUES (?1)", [n])?;
+                            if n == 7 {
+                                return Err(StoreError::Group("call 7 fails".into()));
+                            }
+                            Ok(n)
+                        })
+                        .await
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for call in calls {
+            results.push(call.await.unwrap());
+        }
+
+        for (n, result) in results.iter().enumerate() {
+            match result {
+                Ok(value) => assert_eq!(*value, n as i64),
+                Err(e) => assert_eq!(n, 7, "call {n} failed: {e}"),
+            }
+        }
+        assert!(results[7].is_err());
+        // What an Ok promised is on disk: read back over a connection of its own.
+        let check = rusqlite::Connection::open(&path).unwrap();
+        let rows: Vec<i64> = check
+            .prepare("SELECT n FROM t ORDER BY n")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let expected: Vec<i64> = (0..20).filter(|n| *n != 7).collect();
+        assert_eq!(rows, expected);
+    }
+}
