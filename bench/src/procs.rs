@@ -7,8 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 use orchestrator_worker::store::{ContainerRow, Store};
 
@@ -187,22 +186,11 @@ impl WorkerProcess {
                     self.log_tail()
                 ));
             }
-            let channel = connection.create_channel().await?;
-            let declared = channel
-                .queue_declare(
-                    self.queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            if matches!(&declared, Ok(q) if q.consumer_count() > 0) {
+            if orchestrator_producer::consumer_count(&connection, &self.queue)
+                .await
+                .is_ok_and(|consumers| consumers > 0)
+            {
                 break Ok(since.elapsed());
-            }
-            if declared.is_ok() {
-                let _ = channel.close(200, "polled".into()).await;
             }
             if Instant::now() > deadline {
                 break Err(anyhow::anyhow!(

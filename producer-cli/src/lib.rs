@@ -170,21 +170,7 @@ impl Client {
 
     /// How many consumers (workers) the request queue has now.
     pub async fn request_queue_consumers(&self) -> Result<u32, ClientError> {
-        // On a channel of its own: a failed passive declaration closes its channel.
-        let channel = self.connection.create_channel().await?;
-        let queue = channel
-            .queue_declare(
-                self.request_queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|_| ClientError::NoRequestQueue(self.request_queue.clone()))?;
-        let _ = channel.close(200, "probed".into()).await;
-        Ok(queue.consumer_count())
+        consumer_count(&self.connection, &self.request_queue).await
     }
 
     /// The queue this client's replies arrive on.
@@ -288,6 +274,26 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// How many consumers `queue` has now ([`ClientError::NoRequestQueue`] when it does not exist).
+/// A worker is ready once its request queue has one.
+pub async fn consumer_count(connection: &Connection, queue: &str) -> Result<u32, ClientError> {
+    // On a channel of its own: a failed passive declaration closes its channel.
+    let channel = connection.create_channel().await?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|_| ClientError::NoRequestQueue(queue.to_owned()))?;
+    let _ = channel.close(200, "probed".into()).await;
+    Ok(declared.consumer_count())
 }
 
 /// Hands an arriving envelope to the call awaiting its correlation id: a progress envelope to

@@ -174,18 +174,10 @@ impl TestWorker {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!("the worker exited with {status}; log:\n{}", self.log());
             }
-            let channel = connection.create_channel().await.unwrap();
-            let declared = channel
-                .queue_declare(
-                    self.queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            if matches!(&declared, Ok(queue) if queue.consumer_count() > 0) {
+            if orchestrator_producer::consumer_count(&connection, &self.queue)
+                .await
+                .is_ok_and(|consumers| consumers > 0)
+            {
                 let _ = connection.close(200, "ready".into()).await;
                 return;
             }
