@@ -551,7 +551,7 @@ pub async fn head_of_line(env: &Env) -> anyhow::Result<ScenarioReport> {
 /// (5) Scale: a worker over 1,000 to 100,000 registered containers.
 pub async fn scale(env: &Env) -> anyhow::Result<ScenarioReport> {
     let mut report = ScenarioReport::new("scale");
-    let mut baseline: Option<(f64, f64)> = None;
+    let mut baseline: Option<(f64, f64, f64)> = None;
     let largest = env.sizes.scale_counts.iter().copied().max().unwrap_or(0);
     for &count in &env.sizes.scale_counts {
         let label = format!("scale-{count}");
@@ -582,8 +582,10 @@ pub async fn scale(env: &Env) -> anyhow::Result<ScenarioReport> {
         let rss = worker.rss_mib()?;
         let case = format!("{count} containers");
         let p50 = gets.quantile_ms(0.5);
+        let page_p50 = pages.quantile_ms(0.5);
         let startup_ms = startup.as_secs_f64() * 1000.0;
-        let (base_p50, base_startup) = *baseline.get_or_insert((p50, startup_ms));
+        let (base_p50, base_page_p50, base_startup) =
+            *baseline.get_or_insert((p50, page_p50, startup_ms));
         let mut p50_ratio = Figure::new(&case, "getcont p50 / smallest", ratio(p50, base_p50));
         let mut rss_figure = Figure::new(&case, "worker RSS MiB", rss);
         if count == largest && count >= 100_000 {
@@ -592,10 +594,11 @@ pub async fn scale(env: &Env) -> anyhow::Result<ScenarioReport> {
         }
         report.push(Figure::new(&case, "getcont p50 ms", p50));
         report.push(p50_ratio);
+        report.push(Figure::new(&case, "getallcont page p50 ms", page_p50));
         report.push(Figure::new(
             &case,
-            "getallcont page p50 ms",
-            pages.quantile_ms(0.5),
+            "getallcont page p50 / smallest",
+            ratio(page_p50, base_page_p50),
         ));
         report.push(rss_figure);
         report.push(Figure::new(&case, "start-up to consuming ms", startup_ms));

@@ -92,6 +92,24 @@ const MIGRATIONS: &[&str] = &[
     -- Written to check that the database accepts writes again after a failure.
     CREATE TABLE write_probe (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);
 "#,
+    r#"
+    -- How many containers are registered, kept by triggers, so that a page of getallcont does
+    -- not count the whole table. Containers are written with an upsert, never INSERT OR
+    -- REPLACE, whose implicit delete would not fire the delete trigger.
+    CREATE TABLE container_count (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        n  INTEGER NOT NULL
+    );
+    INSERT INTO container_count (id, n) SELECT 1, count(*) FROM containers;
+    CREATE TRIGGER container_registered AFTER INSERT ON containers
+    BEGIN
+        UPDATE container_count SET n = n + 1 WHERE id = 1;
+    END;
+    CREATE TRIGGER container_unregistered AFTER DELETE ON containers
+    BEGIN
+        UPDATE container_count SET n = n - 1 WHERE id = 1;
+    END;
+"#,
 ];
 
 /// How many prepared statements a connection keeps (the store uses about twenty).
@@ -525,7 +543,9 @@ impl Store {
                 .collect::<Result<Vec<_>, _>>()?
                 .into_iter()
                 .collect::<Result<Vec<_>, _>>()?;
-            let total: i64 = conn.query_row("SELECT count(*) FROM containers", [], |r| r.get(0))?;
+            let total: i64 = conn
+                .prepare_cached("SELECT n FROM container_count WHERE id = 1")?
+                .query_row([], |r| r.get(0))?;
             Ok((rows, total as u64))
         })
         .await
@@ -661,10 +681,16 @@ fn apply_change(tx: &Connection, change: &Change) -> StoreResult<()> {
         Change::Nothing => {}
         Change::Put(c) => {
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO containers
+                "INSERT INTO containers
                  (name, image, distributor, os, version, command, environment, volume_name, binds,
                   image_path, active, ip, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                 ON CONFLICT (name) DO UPDATE SET
+                  image = excluded.image, distributor = excluded.distributor, os = excluded.os,
+                  version = excluded.version, command = excluded.command,
+                  environment = excluded.environment, volume_name = excluded.volume_name,
+                  binds = excluded.binds, image_path = excluded.image_path,
+                  active = excluded.active, ip = excluded.ip, updated_ms = excluded.updated_ms",
             )?
             .execute(params![
                 c.name,
@@ -852,6 +878,36 @@ mod tests {
         let (page, total) = store.containers_page(1, 2).await.unwrap();
         assert_eq!(total, 1000);
         assert_eq!(page, [stopped("nb0"), stopped("nb1")]);
+    }
+
+    #[tokio::test]
+    async fn the_total_of_a_page_follows_registrations_updates_and_deletions() {
+        let (dir, store) = open().await;
+        store
+            .put_containers_blocking([stopped("a"), stopped("b")])
+            .unwrap();
+        let mut running = stopped("a");
+        running.active = true;
+        store.put_container(running.clone()).await.unwrap();
+        store
+            .finish(
+                0,
+                Change::Unregister(LeftoverRow {
+                    name: "b".into(),
+                    image: "jupyter/base-notebook".into(),
+                    image_path: "/images/b".into(),
+                }),
+                |_| "r".into(),
+            )
+            .await
+            .unwrap();
+
+        let (page, total) = store.containers_page(1, 10).await.unwrap();
+        assert_eq!((page, total), (vec![running], 1));
+        // The count is stored, not cached: a store opened again agrees.
+        drop(store);
+        let again = Store::open(&dir.path().join("state.sqlite")).unwrap();
+        assert_eq!(again.containers_page(1, 10).await.unwrap().1, 1);
     }
 
     #[tokio::test]
