@@ -176,20 +176,26 @@ impl Executor {
         self.outbox_wake.notify_one();
     }
 
-    /// Runs the operation in its own task, so a panic becomes a 500 reply instead of a lane
-    /// that never moves again.
+    /// Runs the operation so that a panic becomes a 500 reply instead of a lane that never
+    /// moves again. It runs in place, in the lane's task: a task of its own would cost a
+    /// hand-off per request.
     async fn guarded(
         self: &Arc<Self>,
         request: Request,
         attempt: Option<Attempt>,
     ) -> Result<Outcome, OpError> {
-        let this = Arc::clone(self);
+        use futures_lite::FutureExt;
         let op = request.op();
-        let running = async move { ops::execute(&this.ctx, &request, attempt).await };
-        match tokio::spawn(running.instrument(tracing::Span::current())).await {
+        let running = ops::execute(&self.ctx, &request, attempt);
+        match std::panic::AssertUnwindSafe(running).catch_unwind().await {
             Ok(outcome) => outcome,
-            Err(e) => {
-                tracing::error!(%op, error = %e, "an operation panicked");
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|m| m.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(%op, panic = %message, "an operation panicked");
                 Err(OpError::new(
                     ErrorCode::Internal,
                     format!("the worker failed while running {op}; see its log"),
@@ -333,5 +339,72 @@ impl Scheduler {
                 None => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use tokio::sync::Notify;
+
+    use super::Executor;
+    use crate::ops::tests::{accepted, context, start};
+    use crate::runtime::{Bind, InstanceInfo, Runtime, RuntimeError, Stopped};
+
+    /// A runtime whose every call panics: a bug in the worker, as far as the lane can tell.
+    struct Panicking;
+
+    #[async_trait::async_trait]
+    impl Runtime for Panicking {
+        async fn build_sandbox(&self, _: &Path, _: &Path) -> Result<(), RuntimeError> {
+            panic!("build_sandbox")
+        }
+        async fn start_instance(&self, _: &Path, _: &str, _: &[Bind]) -> Result<(), RuntimeError> {
+            panic!("start_instance")
+        }
+        async fn instances(&self) -> Result<Vec<InstanceInfo>, RuntimeError> {
+            panic!("instances")
+        }
+        async fn instance(&self, _: &str) -> Result<Option<InstanceInfo>, RuntimeError> {
+            panic!("instance")
+        }
+        async fn stop_instance(&self, _: &str) -> Result<Stopped, RuntimeError> {
+            panic!("stop_instance")
+        }
+        async fn is_dir_in_image(&self, _: &Path, _: &str) -> Result<bool, RuntimeError> {
+            panic!("is_dir_in_image")
+        }
+        async fn version(&self) -> Result<String, RuntimeError> {
+            panic!("version")
+        }
+    }
+
+    #[tokio::test]
+    async fn an_operation_that_panics_is_answered_500_and_leaves_the_inbox() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("volumes")).unwrap();
+        let executor = Arc::new(Executor {
+            ctx: context(dir.path(), Arc::new(Panicking)),
+            node: "test".into(),
+            outbox_wake: Arc::new(Notify::new()),
+            max_attempts: 5,
+            restore: false,
+        });
+        let request = start("nb1");
+        let seq = accepted(&executor.ctx, &request).await;
+
+        executor.run_write(seq, 0, None, request).await;
+
+        let replies = executor.ctx.store.outbox_batch(10).await.unwrap();
+        assert_eq!(replies.len(), 1);
+        let reply: serde_json::Value = serde_json::from_str(&replies[0].body).unwrap();
+        assert_eq!(reply["status"], 500, "{reply}");
+        assert!(reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the worker failed while running start"));
+        assert!(executor.ctx.store.unfinished().await.unwrap().is_empty());
     }
 }

@@ -263,4 +263,4 @@ fn instance_binds(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -102,19 +102,25 @@ fn fixture(runtime: MemoryRuntime) -> Fixture {
     std::fs::create_dir_all(data.join("volumes")).unwrap();
     std::fs::create_dir_all(data.join("images")).unwrap();
     let runtime = Arc::new(runtime);
-    let ctx = OpContext {
+    let ctx = context(&data, Arc::clone(&runtime) as Arc<dyn Runtime>);
+    Fixture { dir, runtime, ctx }
+}
+
+/// The operations' context over a data directory `data` (with `volumes` and `images` made) and
+/// `runtime`, without a broker.
+pub(crate) fn context(data: &Path, runtime: Arc<dyn Runtime>) -> OpContext {
+    OpContext {
         store: Store::open(&data.join("state.sqlite")).unwrap(),
-        runtime: Arc::clone(&runtime) as Arc<dyn Runtime>,
+        runtime,
         images_dir: data.join("images"),
         definitions_dir: data.join("definitions"),
         bind_roots: vec![data.join("volumes")],
         home_mount: "/home/nextpyter".into(),
         progress: Arc::new(crate::progress::Progress::new(None)),
-    };
-    Fixture { dir, runtime, ctx }
+    }
 }
 
-fn start(name: &str) -> Request {
+pub(crate) fn start(name: &str) -> Request {
     Request::Start(StartRequest {
         v: None,
         container_name: ContainerName::parse(name).unwrap(),
@@ -130,7 +136,7 @@ fn start(name: &str) -> Request {
 }
 
 /// An inbox entry for `request`, as the intake would have written it.
-async fn accepted(ctx: &OpContext, request: &Request) -> i64 {
+pub(crate) async fn accepted(ctx: &OpContext, request: &Request) -> i64 {
     let accepted = ctx
         .store
         .accept(

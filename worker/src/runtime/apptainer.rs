@@ -405,15 +405,11 @@ impl Runtime for Apptainer {
     async fn is_dir_in_image(&self, image: &Path, path: &str) -> Result<bool, RuntimeError> {
         if image.is_dir() {
             // A sandbox: its tree is on the host, no container launch needed to look inside.
-            let (root, inside) = (image.to_path_buf(), path.to_owned());
-            return tokio::task::spawn_blocking(move || super::sandbox::is_dir(&root, &inside))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|found| found.map_err(|e| e.to_string()))
-                .map_err(|reason| RuntimeError::Inspect {
-                    image: image.display().to_string(),
-                    reason,
-                });
+            // A few metadata reads in the worker's own data directory: done in place.
+            return super::sandbox::is_dir(image, path).map_err(|e| RuntimeError::Inspect {
+                image: image.display().to_string(),
+                reason: e.to_string(),
+            });
         }
         let args = ["exec", path_arg(image)?, "test", "-d", path];
         let output = self
