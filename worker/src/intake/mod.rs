@@ -123,11 +123,15 @@ struct TakenRead {
     received: Instant,
 }
 
-/// A write request waiting for its batch's inbox commit.
+/// A write request waiting for its batch's inbox commit: what the inbox is offered, and the rest.
 struct TakenWrite {
+    offer: Offer,
+    pending: PendingWrite,
+}
+
+struct PendingWrite {
     delivery: Delivery,
     request: Request,
-    offer: Offer,
     /// Whether the requester asked for progress envelopes.
     progress: bool,
     span: tracing::Span,
@@ -145,11 +149,13 @@ impl TakenWrite {
             target: envelope.target,
         };
         Self {
-            delivery,
-            request,
             offer,
-            progress: envelope.progress,
-            span: span.clone(),
+            pending: PendingWrite {
+                delivery,
+                request,
+                progress: envelope.progress,
+                span: span.clone(),
+            },
         }
     }
 }
@@ -468,29 +474,32 @@ impl Intake {
         if writes.is_empty() {
             return true;
         }
-        let offers: Arc<Vec<Offer>> = Arc::new(writes.iter().map(|w| w.offer.clone()).collect());
+        let (offers, pending): (Vec<Offer>, Vec<PendingWrite>) =
+            writes.into_iter().map(|w| (w.offer, w.pending)).unzip();
+        let offers = Arc::new(offers);
         let Some(accepted) = self
             .until_stored(|| self.store.accept_all(Arc::clone(&offers)))
             .await
         else {
             return false;
         };
-        for (write, accepted) in writes.into_iter().zip(accepted) {
+        for ((write, offer), accepted) in pending.into_iter().zip(offers.iter()).zip(accepted) {
             let span = write.span.clone();
-            self.submit_write(write, accepted).instrument(span).await;
+            self.submit_write(write, offer, accepted)
+                .instrument(span)
+                .await;
         }
         true
     }
 
-    async fn submit_write(&self, write: TakenWrite, accepted: Accepted) {
-        let TakenWrite {
+    async fn submit_write(&self, write: PendingWrite, offer: &Offer, accepted: Accepted) {
+        let PendingWrite {
             delivery,
             request,
-            offer,
             progress,
             span,
         } = write;
-        let key = offer.key;
+        let key = &offer.key;
         let seq = match accepted {
             Accepted::New { seq } => seq,
             Accepted::AlreadyQueued { seq } => {
