@@ -129,16 +129,10 @@ struct Recipe {
 }
 
 pub fn run(args: &[String]) -> Res {
-    let p = cli::parse(&cli::BUILD, args)?;
-    if p.help {
-        return cli::help(&cli::BUILD);
-    }
-    if p.args.len() != 2 {
-        return Err(Fail::Command(
-            &cli::BUILD,
-            format!("accepts 2 arg(s), received {}", p.args.len()),
-        ));
-    }
+    let p = match cli::parse_with(&cli::BUILD, args, cli::Arity::Exactly(2)) {
+        Ok(p) => p,
+        Err(ends) => return ends,
+    };
     let (target_arg, spec) = (&p.args[0], &p.args[1]);
     let sandbox = p.bool("sandbox");
     let update = p.bool("update");

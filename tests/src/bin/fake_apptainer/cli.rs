@@ -755,24 +755,40 @@ fn invalid(flag: &Flag, value: &str, why: &str) -> String {
     )
 }
 
-/// Parses the arguments of a command that needs at least `needed` positional
-/// ones. `Err` holds how the command ends here: its `--help`, or cobra's error
-/// for too few arguments.
-pub fn parse_needing(cmd: &'static Cmd, args: &[String], needed: usize) -> Result<Parsed, Res> {
+/// How many positional arguments a command takes, with cobra's message when the count is off.
+#[derive(Clone, Copy)]
+pub enum Arity {
+    AtLeast(usize),
+    Exactly(usize),
+    Between(usize, usize),
+}
+
+impl Arity {
+    fn refuse(self, got: usize) -> Option<String> {
+        match self {
+            Arity::AtLeast(n) if got < n => {
+                Some(format!("requires at least {n} arg(s), only received {got}"))
+            }
+            Arity::Exactly(n) if got != n => Some(format!("accepts {n} arg(s), received {got}")),
+            Arity::Between(low, high) if got < low || got > high => Some(format!(
+                "accepts between {low} and {high} arg(s), received {got}"
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// Parses the arguments of a command that takes `arity` positional ones. `Err` holds how the
+/// command ends here: its `--help`, a flag error, or cobra's error for a wrong count.
+pub fn parse_with(cmd: &'static Cmd, args: &[String], arity: Arity) -> Result<Parsed, Res> {
     let p = parse(cmd, args).map_err(Err)?;
     if p.help {
         return Err(help(cmd));
     }
-    if p.args.len() < needed {
-        return Err(Err(Fail::Command(
-            cmd,
-            format!(
-                "requires at least {needed} arg(s), only received {}",
-                p.args.len()
-            ),
-        )));
+    match arity.refuse(p.args.len()) {
+        Some(message) => Err(Err(Fail::Command(cmd, message))),
+        None => Ok(p),
     }
-    Ok(p)
 }
 
 /// Parses `args` with the options of `cmd`; errors are cobra flag errors (exit 1).

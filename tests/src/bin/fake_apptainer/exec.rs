@@ -25,7 +25,7 @@ const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 
 pub fn run(args: &[String]) -> Res {
     let cmd = &cli::EXEC;
-    let p = match cli::parse_needing(cmd, args, 2) {
+    let p = match cli::parse_with(cmd, args, cli::Arity::AtLeast(2)) {
         Ok(p) => p,
         Err(ends) => return ends,
     };

@@ -255,16 +255,10 @@ fn pull_to_cache(
 
 /// `inspect [--json] [-l] [-d] [-r] [-s] [-t] [-e] [-H] [--all] IMAGE`
 pub fn inspect(args: &[String]) -> Res {
-    let p = cli::parse(&cli::INSPECT, args)?;
-    if p.help {
-        return cli::help(&cli::INSPECT);
-    }
-    if p.args.len() != 1 {
-        return Err(Fail::Command(
-            &cli::INSPECT,
-            format!("accepts 1 arg(s), received {}", p.args.len()),
-        ));
-    }
+    let p = match cli::parse_with(&cli::INSPECT, args, cli::Arity::Exactly(1)) {
+        Ok(p) => p,
+        Err(ends) => return ends,
+    };
     let arg = &p.args[0];
     let abs = sys::absolute(arg);
     if fs::symlink_metadata(&abs).is_err() {

@@ -297,7 +297,7 @@ pub fn start(args: &[String], run: bool) -> Res {
     } else {
         &cli::INSTANCE_START
     };
-    let p = match cli::parse_needing(cmd, args, 2) {
+    let p = match cli::parse_with(cmd, args, cli::Arity::AtLeast(2)) {
         Ok(p) => p,
         Err(ends) => return ends,
     };
@@ -732,16 +732,10 @@ fn monitor(spec: &str) -> i32 {
 
 pub fn stop(args: &[String]) -> Res {
     let cmd = &cli::INSTANCE_STOP;
-    let p = cli::parse(cmd, args)?;
-    if p.help {
-        return cli::help(cmd);
-    }
-    if p.args.len() > 1 {
-        return Err(Fail::Command(
-            cmd,
-            format!("accepts between 0 and 1 arg(s), received {}", p.args.len()),
-        ));
-    }
+    let p = match cli::parse_with(cmd, args, cli::Arity::Between(0, 1)) {
+        Ok(p) => p,
+        Err(ends) => return ends,
+    };
     if p.args.is_empty() && !p.bool("all") {
         return Err(Fail::Command(cmd, "invalid command".to_string()));
     }
@@ -835,16 +829,10 @@ fn make_sure_gone(dir: &Path, instance: &Instance) {
 
 pub fn list(args: &[String]) -> Res {
     let cmd = &cli::INSTANCE_LIST;
-    let p = cli::parse(cmd, args)?;
-    if p.help {
-        return cli::help(cmd);
-    }
-    if p.args.len() > 1 {
-        return Err(Fail::Command(
-            cmd,
-            format!("accepts between 0 and 1 arg(s), received {}", p.args.len()),
-        ));
-    }
+    let p = match cli::parse_with(cmd, args, cli::Arity::Between(0, 1)) {
+        Ok(p) => p,
+        Err(ends) => return ends,
+    };
     let (json, logs) = (p.bool("json"), p.bool("logs"));
     if json && logs {
         return Err(Fail::Fatal("more than one flags have been set".to_string()));
@@ -932,16 +920,10 @@ fn tabwrite(rows: &[Vec<String>]) -> String {
 /// A stub: the fake's instances have no cgroup, so stats are never available.
 pub fn stats(args: &[String]) -> Res {
     let cmd = &cli::INSTANCE_STATS;
-    let p = cli::parse(cmd, args)?;
-    if p.help {
-        return cli::help(cmd);
-    }
-    if p.args.len() != 1 {
-        return Err(Fail::Command(
-            cmd,
-            format!("accepts 1 arg(s), received {}", p.args.len()),
-        ));
-    }
+    let p = match cli::parse_with(cmd, args, cli::Arity::Exactly(1)) {
+        Ok(p) => p,
+        Err(ends) => return ends,
+    };
     let ident = Ident::load();
     let user = p.str("user").filter(|u| !u.is_empty());
     let found =
