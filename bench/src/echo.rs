@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use anyhow::Context;
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -110,20 +110,9 @@ async fn publish(
     if let Some(correlation) = correlation_id {
         properties = properties.with_correlation_id(correlation.into());
     }
-    channel
-        .basic_publish(
-            "".into(),
-            reply_to.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            properties,
-        )
-        .await?
-        .await?;
-    Ok(())
+    orchestrator_producer::publish_confirmed(channel, reply_to, body, properties)
+        .await
+        .map(drop)
 }
 
 /// A reply of the shape and size the worker sends for the same request.

@@ -21,7 +21,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use schemas::{Reply, Request, PROGRESS_HEADER};
 use tokio::sync::{mpsc, oneshot};
 
@@ -252,20 +252,8 @@ impl Client {
             headers.insert(PROGRESS_HEADER.into(), AMQPValue::Boolean(true));
             properties = properties.with_headers(headers);
         }
-        let confirmation = self
-            .channel
-            .basic_publish(
-                "".into(),
-                self.request_queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await?
-            .await?;
+        let confirmation =
+            publish_confirmed(&self.channel, &self.request_queue, body, properties).await?;
         if confirmation.is_nack() {
             return Err(ClientError::Nacked);
         }
@@ -274,6 +262,30 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// Publishes `body` to `queue` through the default exchange as `mandatory` (the broker returns
+/// it when the queue does not exist), and waits for the broker's confirm. `channel` must be in
+/// confirm mode.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<Confirmation, lapin::Error> {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await?
+        .await
 }
 
 /// How many consumers `queue` has now ([`ClientError::NoRequestQueue`] when it does not exist).
