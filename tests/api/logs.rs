@@ -5,8 +5,22 @@ use orchestrator_producer::Publish;
 use serde_json::Value;
 
 use crate::helpers::{
-    named, spawn_worker, spawn_worker_with, start_request, WorkerOptions, REPLY_TIMEOUT,
+    named, spawn_worker, spawn_worker_with, start_request, TestWorker, WorkerOptions, REPLY_TIMEOUT,
 };
+
+/// Sends `request` with `correlation_id` and waits for its reply.
+async fn call_as(worker: &TestWorker, request: Value, correlation_id: &str) -> schemas::Reply {
+    let options = Publish {
+        correlation_id: Some(correlation_id.to_owned()),
+        ..Publish::default()
+    };
+    worker
+        .send(request, options)
+        .await
+        .wait(REPLY_TIMEOUT)
+        .await
+        .unwrap()
+}
 
 #[tokio::test]
 async fn json_logs_are_json_lines_and_carry_the_request_span() {
@@ -17,18 +31,7 @@ async fn json_logs_are_json_lines_and_carry_the_request_span() {
     .await;
     let correlation_id = format!("logs-{}", uuid::Uuid::new_v4().simple());
 
-    let reply = worker
-        .send(
-            start_request("logged"),
-            Publish {
-                correlation_id: Some(correlation_id.clone()),
-                ..Publish::default()
-            },
-        )
-        .await
-        .wait(REPLY_TIMEOUT)
-        .await
-        .unwrap();
+    let reply = call_as(&worker, start_request("logged"), &correlation_id).await;
 
     assert_eq!(reply.status, 201, "{reply:?}");
     let log = worker.log();
@@ -62,18 +65,7 @@ async fn text_logs_off_a_terminal_have_no_colour_codes_and_name_the_request() {
     let worker = spawn_worker().await;
     let correlation_id = format!("text-{}", uuid::Uuid::new_v4().simple());
 
-    let reply = worker
-        .send(
-            named("getcont", "nobody"),
-            Publish {
-                correlation_id: Some(correlation_id.clone()),
-                ..Publish::default()
-            },
-        )
-        .await
-        .wait(REPLY_TIMEOUT)
-        .await
-        .unwrap();
+    let reply = call_as(&worker, named("getcont", "nobody"), &correlation_id).await;
 
     assert_eq!(reply.status, 404, "{reply:?}");
     let log = worker.log();
