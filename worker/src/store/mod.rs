@@ -290,8 +290,8 @@ impl Store {
         .await?
     }
 
-    /// Offers a write request to the inbox, deduplicating by its idempotency key. Returns once
-    /// the outcome is committed: only then may the delivery be acknowledged.
+    /// [`Store::accept_all`] with one offer: how the tests put a request into the inbox.
+    #[cfg(test)]
     pub async fn accept(
         &self,
         key: String,
@@ -311,9 +311,10 @@ impl Store {
         Ok(accepted.remove(0))
     }
 
-    /// Offers write requests to the inbox in one transaction (a group commit), in order: a
-    /// later offer with the key of an earlier one is its duplicate. One outcome per offer, all
-    /// committed together or none.
+    /// Offers write requests to the inbox in one transaction (a group commit), in order,
+    /// deduplicating by idempotency key: a later offer with the key of an earlier one is its
+    /// duplicate. Returns one outcome per offer once they are committed, all together or none:
+    /// only then may their deliveries be acknowledged.
     pub async fn accept_all(&self, offers: Arc<Vec<Offer>>) -> StoreResult<Vec<Accepted>> {
         self.writer
             .call(move |tx| {
