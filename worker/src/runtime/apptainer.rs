@@ -355,7 +355,11 @@ impl Runtime for Apptainer {
             .iter()
             .map(|b| format!("{}:{}", b.host, b.container))
             .collect();
-        let mut args = vec!["instance", "start"];
+        // Contained: no host $HOME, /tmp or working directory in the container, its own IPC
+        // namespace, and none of the worker's environment (the request's variables are in the
+        // image's %environment). Writable: the per-container sandbox is the container's own
+        // root file system, so a user can install packages into it. See SECURITY.md.
+        let mut args = vec!["instance", "start", "--containall", "--writable"];
         for spec in &bind_specs {
             args.extend(["--bind", spec.as_str()]);
         }

@@ -42,6 +42,9 @@ const APPINIT_ENV: &str = "FAKE_APPTAINER_INTERNAL_APPINIT";
 /// How long `instance start` waits for the monitor to report.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The starter apptainer names when it fails (a distribution package's path, reference 2.5).
+const STARTER: &str = "/usr/libexec/apptainer/bin/starter";
+
 /// The address range of the default `bridge` network (10.22.0.0/16).
 const IP_RANGE: &str = "10.22.0.1-10.22.255.254";
 
@@ -315,6 +318,13 @@ pub fn start(args: &[String], run: bool) -> Res {
         sylog::warning("Disabling --writable-tmpfs flag, mutually exclusive with --writable");
     }
     let image = image::open(image_arg, &ident)?;
+    if p.bool("writable") && !Path::new(&image).is_dir() {
+        // A SIF is read-only unless it carries an overlay partition, which the fake's never do
+        // (apptainer-next.md 1.1).
+        return Err(Fail::Fatal(format!(
+            "no SIF writable overlay partition found in {image}"
+        )));
+    }
     if !valid_name(name) {
         return Err(Fail::Fatal(format!(
             "while executing starter: while checking instance name: {name} is not a valid instance name"
@@ -326,6 +336,7 @@ pub fn start(args: &[String], run: bool) -> Res {
     }
     let binds = parse_binds(&bind_values(&p));
     check_binds(&binds)?;
+    check_network_allowed(network.as_deref())?;
 
     let logs_dir = ident.logs_dir();
     for dir in [&logs_dir, &state_dir] {
@@ -407,6 +418,20 @@ fn network_choice(p: &Parsed) -> Option<String> {
             .unwrap_or("bridge")
             .to_string()
     })
+}
+
+/// Only root may use a CNI network; anyone may use `none` (reference 2.5 and 6.3). The refusal
+/// comes from inside the starter, so apptainer echoes it before its own FATAL.
+fn check_network_allowed(network: Option<&str>) -> Result<(), Fail> {
+    match network {
+        Some(net) if net != "none" && sys::uid() != 0 => {
+            sylog::fatal("container creation failed: network requires root or a suid installation with /etc/subuid --fakeroot; non-root users can only use --network=none unless permitted by the administrator");
+            Err(Fail::Fatal(format!(
+                "while executing starter: failed to start instance: while running {STARTER}: exit status 255"
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `IP=` from `--network-args "[net:]K=V;K2=V2"`.
@@ -538,6 +563,7 @@ fn config_json(p: &Parsed, binds: &[Bind], network: Option<&str>, run: bool) -> 
         ("containAll", flag("containall")),
         ("cleanEnv", flag("cleanenv")),
         ("fakeroot", flag("fakeroot")),
+        ("writable", flag("writable")),
         ("writableTmpfs", flag("writable-tmpfs")),
         ("noHome", flag("no-home")),
     ])
