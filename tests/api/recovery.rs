@@ -112,3 +112,37 @@ async fn a_worker_killed_during_a_build_finishes_the_start_once_after_it_restart
     let again = worker.call(named("getcont", "crash")).await;
     assert_eq!(again.status, 200);
 }
+
+#[tokio::test]
+async fn a_start_given_up_after_its_worker_died_leaves_no_instance_behind() {
+    // Arrange: a start whose instance is running when the worker dies, and one attempt allowed.
+    let mut worker = spawn_worker_with(WorkerOptions {
+        args: vec!["--max-attempts".into(), "1".into()],
+        ..WorkerOptions::default()
+    })
+    .await;
+    worker.control_fake(&["HANG_AFTER=instance-start"]);
+    let start = worker
+        .send(start_request("abandoned"), Publish::default())
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker.running_instances().is_empty() {
+        assert!(Instant::now() < deadline, "the instance never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Act: kill the worker, then start it again: the start is given up.
+    worker.kill();
+    worker.control_fake(&[]);
+    worker.restart().await;
+
+    // Assert: an error reply, nothing running under the name, and the name free again.
+    let start = start.wait(REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(start.status, 500, "{start:?}");
+    assert!(
+        worker.running_instances().is_empty(),
+        "the given-up start's instance was stopped"
+    );
+    let again = worker.call(start_request("abandoned")).await;
+    assert_eq!(again.status, 201, "{again:?}\n{}", worker.log());
+}

@@ -35,7 +35,8 @@
 //!   (`{"pid","argv","start_ms","end_ms","exit"}`, plus `"signal"` when the command
 //!   run by `exec` died by one).
 //! * `FAKE_APPTAINER_FAIL=sub,...`, `FAKE_APPTAINER_DELAY_MS=sub=ms,...`,
-//!   `FAKE_APPTAINER_HANG=sub,...`, `FAKE_APPTAINER_GARBAGE_LIST=1`, with `sub` one
+//!   `FAKE_APPTAINER_HANG=sub,...`, `FAKE_APPTAINER_HANG_AFTER=sub,...`,
+//!   `FAKE_APPTAINER_GARBAGE_LIST=1`, with `sub` one
 //!   of `build`, `instance-start`, `instance-stop`, `instance-list`, `exec`.
 //! * `FAKE_APPTAINER_CONTROL=/path`: `KEY=VALUE` lines (`FAIL=build`, ...) that
 //!   override the variables above while the file exists.

@@ -304,7 +304,8 @@ pub fn start(args: &[String], run: bool) -> Res {
         Ok(p) => p,
         Err(ends) => return ends,
     };
-    Controls::load().gate("instance-start")?;
+    let controls = Controls::load();
+    controls.gate("instance-start")?;
     let (image_arg, name) = (p.args[0].as_str(), p.args[1].as_str());
     let ident = Ident::load();
     if image_arg.starts_with("instance://") {
@@ -385,6 +386,7 @@ pub fn start(args: &[String], run: bool) -> Res {
     .compact();
     let pid = spawn_monitor(&ident, name, &spec, &log_err)?;
     drop(lock);
+    controls.hang_after("instance-start");
 
     sylog::info("instance started successfully");
     if let Some(pid_file) = p.str("pid-file").filter(|f| !f.is_empty()) {
