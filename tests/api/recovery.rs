@@ -146,3 +146,39 @@ async fn a_start_given_up_after_its_worker_died_leaves_no_instance_behind() {
     let again = worker.call(start_request("abandoned")).await;
     assert_eq!(again.status, 201, "{again:?}\n{}", worker.log());
 }
+
+#[tokio::test]
+async fn a_worker_with_a_relative_data_dir_adopts_the_instance_its_interrupted_start_left_running()
+{
+    // Arrange: `--data-dir data`, and a start whose instance is up when the worker dies.
+    let mut worker = spawn_worker_with(WorkerOptions {
+        relative_data_dir: true,
+        ..WorkerOptions::default()
+    })
+    .await;
+    worker.control_fake(&["HANG_AFTER=instance-start"]);
+    let start = worker
+        .send(start_request("relative"), Publish::default())
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker.running_instances().is_empty() {
+        assert!(Instant::now() < deadline, "the instance never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Act
+    worker.kill();
+    worker.control_fake(&[]);
+    worker.restart().await;
+
+    // Assert: the resumed start adopts the running instance instead of refusing its own.
+    let start = start.wait(REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(start.status, 201, "{start:?}\n{}", worker.log());
+    let starts = worker
+        .fake_calls_begun()
+        .iter()
+        .filter(|argv| argv.get(1).is_some_and(|a| a == "start"))
+        .count();
+    assert_eq!(starts, 1, "the instance was started once");
+    assert_eq!(worker.running_instances(), ["relative"]);
+}
