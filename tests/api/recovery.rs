@@ -2,10 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use orchestrator_producer::Publish;
+use orchestrator_producer::{PendingReply, Publish};
 
 use crate::helpers::{
-    named, spawn_worker, spawn_worker_with, start_request, WorkerOptions, REPLY_TIMEOUT,
+    named, spawn_worker, spawn_worker_with, start_request, TestWorker, WorkerOptions, REPLY_TIMEOUT,
 };
 
 #[tokio::test]
@@ -121,20 +121,9 @@ async fn a_start_given_up_after_its_worker_died_leaves_no_instance_behind() {
         ..WorkerOptions::default()
     })
     .await;
-    worker.control_fake(&["HANG_AFTER=instance-start"]);
-    let start = worker
-        .send(start_request("abandoned"), Publish::default())
-        .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while worker.running_instances().is_empty() {
-        assert!(Instant::now() < deadline, "the instance never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 
     // Act: kill the worker, then start it again: the start is given up.
-    worker.kill();
-    worker.control_fake(&[]);
-    worker.restart().await;
+    let start = restart_while_the_instance_start_hangs(&mut worker, "abandoned").await;
 
     // Assert: an error reply, nothing running under the name, and the name free again.
     let start = start.wait(REPLY_TIMEOUT).await.unwrap();
@@ -156,20 +145,9 @@ async fn a_worker_with_a_relative_data_dir_adopts_the_instance_its_interrupted_s
         ..WorkerOptions::default()
     })
     .await;
-    worker.control_fake(&["HANG_AFTER=instance-start"]);
-    let start = worker
-        .send(start_request("relative"), Publish::default())
-        .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while worker.running_instances().is_empty() {
-        assert!(Instant::now() < deadline, "the instance never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 
     // Act
-    worker.kill();
-    worker.control_fake(&[]);
-    worker.restart().await;
+    let start = restart_while_the_instance_start_hangs(&mut worker, "relative").await;
 
     // Assert: the resumed start adopts the running instance instead of refusing its own.
     let start = start.wait(REPLY_TIMEOUT).await.unwrap();
@@ -181,4 +159,23 @@ async fn a_worker_with_a_relative_data_dir_adopts_the_instance_its_interrupted_s
         .count();
     assert_eq!(starts, 1, "the instance was started once");
     assert_eq!(worker.running_instances(), ["relative"]);
+}
+
+/// Sends a start of `name` whose `instance start` starts the instance and then hangs, kills the
+/// worker once the instance is up, and starts the worker again with apptainer behaving.
+async fn restart_while_the_instance_start_hangs(
+    worker: &mut TestWorker,
+    name: &str,
+) -> PendingReply {
+    worker.control_fake(&["HANG_AFTER=instance-start"]);
+    let start = worker.send(start_request(name), Publish::default()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker.running_instances().is_empty() {
+        assert!(Instant::now() < deadline, "the instance never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.kill();
+    worker.control_fake(&[]);
+    worker.restart().await;
+    start
 }
