@@ -179,3 +179,109 @@ async fn restart_while_the_instance_start_hangs(
     worker.restart().await;
     start
 }
+
+#[tokio::test]
+async fn a_worker_killed_during_a_build_leaves_a_temporary_bundle_that_the_next_start_up_sweeps() {
+    // Arrange: a slow build, killed with its worker while its bundle exists.
+    let mut worker = spawn_worker().await;
+    worker.control_fake(&["DELAY_MS=build=60000"]);
+    let start = worker
+        .send(start_request("swept"), Publish::default())
+        .await;
+    let build_tmp = worker.data_dir().join("build-tmp");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let bundles = loop {
+        let found = entries(&build_tmp);
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no build bundle appeared in {}; log:\n{}",
+            build_tmp.display(),
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    worker.kill();
+
+    // Act
+    worker.control_fake(&[]);
+    worker.restart().await;
+
+    // Assert: the dead build's bundle is gone and the start finishes.
+    let left: Vec<_> = bundles.iter().filter(|b| b.exists()).collect();
+    assert!(left.is_empty(), "bundles left behind: {left:?}");
+    let start = start.wait(REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(start.status, 201, "{start:?}");
+}
+
+#[tokio::test]
+async fn a_build_cut_off_at_the_drain_deadline_leaves_no_process_of_its_group_after_the_next_start()
+{
+    // Arrange: a build that outlasts a 1 s drain; its helper process stands for apptainer's.
+    let mut worker = spawn_worker_with(WorkerOptions {
+        args: vec!["--drain-timeout-secs".into(), "1".into()],
+        ..WorkerOptions::default()
+    })
+    .await;
+    worker.control_fake(&["DELAY_MS=build=60000"]);
+    let start = worker
+        .send(start_request("cutoff"), Publish::default())
+        .await;
+    let marker = worker
+        .data_dir()
+        .join("images/cutoff")
+        .display()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let helpers = loop {
+        let found = build_helpers(&marker);
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "the build's helper never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    // Act: SIGTERM; the build is cut off at the drain deadline. Then start again.
+    // (The worker waits up to 30 s for in-flight work before the drain deadline starts; allow for it.)
+    let status = worker.terminate(Duration::from_secs(90));
+    worker.control_fake(&[]);
+    worker.restart().await;
+
+    // Assert
+    assert!(status.success(), "{status}");
+    let alive: Vec<_> = helpers
+        .iter()
+        .filter(|pid| build_helpers(&marker).contains(pid))
+        .collect();
+    assert!(
+        alive.is_empty(),
+        "helpers of the cut-off build still run: {alive:?}"
+    );
+    let start = start.wait(REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(start.status, 201, "{start:?}");
+}
+
+/// The entries of a directory (none when it does not exist).
+fn entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|found| found.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// The pids of fake-apptainer build helpers working on `target`.
+fn build_helpers(target: &str) -> Vec<u32> {
+    entries(std::path::Path::new("/proc"))
+        .iter()
+        .filter_map(|path| {
+            let pid = path.file_name()?.to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(path.join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_helper = args.first() == Some(&b"fake-apptainer-build-helper".as_slice())
+                && args.get(1) == Some(&target.as_bytes());
+            is_helper.then_some(pid)
+        })
+        .collect()
+}

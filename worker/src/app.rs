@@ -114,7 +114,9 @@ impl Worker {
                 settings.command_timeout(),
                 &settings.apptainer_env,
             )
-            .context("could not prepare the record of apptainer calls in the data directory")?,
+            .context("could not prepare the record of apptainer calls in the data directory")?
+            .with_temp_dir(&settings.apptainer_temp_dir())
+            .context("could not prepare apptainer's temporary directory in the data directory")?,
         );
         let broker = Broker::new(&settings, &node);
         let publisher = Arc::new(Publisher::new(broker.clone()));

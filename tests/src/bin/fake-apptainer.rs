@@ -15,7 +15,8 @@
 //! * **`build`** (section 1): definition files parsed like apptainer's parser
 //!   (header keys, `Bootstrap:` first, multi-stage, section names), the
 //!   target-exists rules, a sandbox tree with `.singularity.d/` metadata or a
-//!   fake SIF file, built aside and renamed into place at the end.
+//!   fake SIF file, built aside and renamed into place at the end, with a
+//!   temporary bundle in `$APPTAINER_TMPDIR` and a helper process meanwhile.
 //! * **`instance start|run|stop|list|stats`** (sections 2-4): a real, detached
 //!   monitor process named `Apptainer instance: USER [NAME]` with an `appinit`
 //!   child, the state file and logs under `$APPTAINER_CONFIGDIR` (default
@@ -43,6 +44,8 @@
 
 #[path = "fake_apptainer/build.rs"]
 mod build;
+#[path = "fake_apptainer/bundle.rs"]
+mod bundle;
 #[path = "fake_apptainer/cli.rs"]
 mod cli;
 #[path = "fake_apptainer/controls.rs"]
@@ -66,7 +69,7 @@ mod sys;
 
 fn main() {
     // The monitor and appinit of a running instance are this binary too.
-    if let Some(code) = instance::hidden_mode() {
+    if let Some(code) = instance::hidden_mode().or_else(bundle::helper_mode) {
         std::process::exit(code);
     }
     let argv: Vec<String> = std::env::args_os()
