@@ -308,24 +308,11 @@ pub fn start(args: &[String], run: bool) -> Res {
     controls.gate("instance-start")?;
     let (image_arg, name) = (p.args[0].as_str(), p.args[1].as_str());
     let ident = Ident::load();
-    if image_arg.starts_with("instance://") {
-        return Err(Fail::Fatal(
-            "While setting image/instance: starting an instance from another is not allowed"
-                .to_string(),
-        ));
-    }
     let network = network_choice(&p);
     if p.bool("writable") && p.bool("writable-tmpfs") {
         sylog::warning("Disabling --writable-tmpfs flag, mutually exclusive with --writable");
     }
-    let image = image::open(image_arg, &ident)?;
-    if p.bool("writable") && !Path::new(&image).is_dir() {
-        // A SIF is read-only unless it carries an overlay partition, which the fake's never do
-        // (apptainer-next.md 1.1).
-        return Err(Fail::Fatal(format!(
-            "no SIF writable overlay partition found in {image}"
-        )));
-    }
+    let image = open_image(&p, image_arg, &ident)?;
     if !valid_name(name) {
         return Err(Fail::Fatal(format!(
             "while executing starter: while checking instance name: {name} is not a valid instance name"
@@ -340,15 +327,7 @@ pub fn start(args: &[String], run: bool) -> Res {
     check_network_allowed(network.as_deref())?;
 
     let logs_dir = ident.logs_dir();
-    for dir in [&logs_dir, &state_dir] {
-        sys::mkdir_p(dir, 0o700).map_err(|e| {
-            Fail::Fatal(format!(
-                "while executing starter: failed to start instance: mkdir {}: {}",
-                dir.display(),
-                sys::go_err(&e)
-            ))
-        })?;
-    }
+    make_dirs(&[&logs_dir, &state_dir])?;
     let log_out = logs_dir.join(format!("{name}.out"));
     let log_err = logs_dir.join(format!("{name}.err"));
 
@@ -389,6 +368,26 @@ pub fn start(args: &[String], run: bool) -> Res {
     controls.hang_after("instance-start");
 
     sylog::info("instance started successfully");
+    write_pid_file(&p, pid);
+    cli::ok()
+}
+
+/// The directories of the instance's state and logs.
+fn make_dirs(dirs: &[&Path]) -> Result<(), Fail> {
+    for dir in dirs {
+        sys::mkdir_p(dir, 0o700).map_err(|e| {
+            Fail::Fatal(format!(
+                "while executing starter: failed to start instance: mkdir {}: {}",
+                dir.display(),
+                sys::go_err(&e)
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// `--pid-file`: written after a successful start; a failure only warns (reference 2.2).
+fn write_pid_file(p: &Parsed, pid: i64) {
     if let Some(pid_file) = p.str("pid-file").filter(|f| !f.is_empty()) {
         if let Err(e) = fs::write(pid_file, format!("{pid}\n")) {
             sylog::warning(&format!(
@@ -397,7 +396,25 @@ pub fn start(args: &[String], run: bool) -> Res {
             ));
         }
     }
-    cli::ok()
+}
+
+/// The image to start, absolute: not another instance, and not a SIF if `--writable`.
+fn open_image(p: &Parsed, image_arg: &str, ident: &Ident) -> Result<String, Fail> {
+    if image_arg.starts_with("instance://") {
+        return Err(Fail::Fatal(
+            "While setting image/instance: starting an instance from another is not allowed"
+                .to_string(),
+        ));
+    }
+    let image = image::open(image_arg, ident)?;
+    if p.bool("writable") && !Path::new(&image).is_dir() {
+        // A SIF is read-only unless it carries an overlay partition, which the fake's never do
+        // (apptainer-next.md 1.1).
+        return Err(Fail::Fatal(format!(
+            "no SIF writable overlay partition found in {image}"
+        )));
+    }
+    Ok(image)
 }
 
 /// The first requested network when a network namespace is asked for (reference 2.2).
