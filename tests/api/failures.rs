@@ -1,7 +1,7 @@
 //! Apptainer failing: a clear error reply with apptainer's own words, nothing left behind, and
 //! the container's lane goes on.
 
-use crate::helpers::{named, spawn_worker, start_request};
+use crate::helpers::{named, spawn_worker, spawn_worker_with, start_request, WorkerOptions};
 
 #[tokio::test]
 async fn a_failed_build_answers_runtime_failed_with_the_fatal_text_and_leaves_no_image() {
@@ -60,4 +60,30 @@ async fn a_failed_stop_keeps_the_container_running_in_the_records() {
         record.container_active,
         "the state is as it was before the request"
     );
+}
+
+#[tokio::test]
+async fn an_instance_start_that_times_out_leaves_no_instance_and_the_name_can_be_started_again() {
+    // Arrange: apptainer starts the instance, then never returns.
+    let worker = spawn_worker_with(WorkerOptions {
+        args: vec!["--command-timeout-secs".into(), "3".into()],
+        ..WorkerOptions::default()
+    })
+    .await;
+    worker.control_fake(&["HANG_AFTER=instance-start"]);
+
+    // Act
+    let reply = worker.call(start_request("orphan")).await;
+
+    // Assert: a timeout, no instance nobody could stop, and the name is free again.
+    assert_eq!(reply.status, 504, "{reply:?}");
+    assert_eq!(reply.error.unwrap().code, schemas::ErrorCode::Timeout);
+    assert!(
+        worker.running_instances().is_empty(),
+        "the instance the timed-out start left running was stopped"
+    );
+    worker.control_fake(&[]);
+    let again = worker.call(start_request("orphan")).await;
+    assert_eq!(again.status, 201, "{again:?}");
+    assert_eq!(worker.running_instances(), ["orphan"]);
 }

@@ -58,6 +58,8 @@ pub struct WorkerOptions {
     pub data_dir: Option<PathBuf>,
     /// Extra environment for the worker (and so for fake-apptainer), e.g. FAKE_APPTAINER_DELAY_MS.
     pub env: Vec<(String, String)>,
+    /// Run the worker in the test's directory with `--data-dir data`, a relative path.
+    pub relative_data_dir: bool,
 }
 
 /// One worker process with everything it owns.
@@ -121,7 +123,12 @@ fn start_process(
         .args(["--queue", queue, "--reply-queue", reply_queue])
         .args(["--node", node])
         .arg("--data-dir")
-        .arg(options.data_dir.clone().unwrap_or_else(|| dir.join("data")))
+        .arg(match (&options.data_dir, options.relative_data_dir) {
+            (Some(data), _) => data.clone(),
+            (None, true) => PathBuf::from("data"),
+            (None, false) => dir.join("data"),
+        })
+        .current_dir(dir)
         .args(&options.args)
         .args(["--amqp-url", AMQP_URL])
         .args([

@@ -46,7 +46,7 @@ pub struct Worker {
 impl Worker {
     /// Checks and opens everything the worker needs; once this returns, the broker is reachable
     /// and the topology is declared.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+    pub async fn build(mut settings: Settings) -> anyhow::Result<Self> {
         let node = settings.node_id();
         let http_addr = settings
             .http_listen_addr()
@@ -72,6 +72,14 @@ impl Worker {
                 format!("could not create the data directory {}", dir.display())
             })?;
         }
+        // Absolute from here on: apptainer reports the image of an instance as an absolute path,
+        // and adopting an instance after a restart compares it with the stored one.
+        settings.data_dir = std::fs::canonicalize(&settings.data_dir).with_context(|| {
+            format!(
+                "could not resolve the data directory {}",
+                settings.data_dir.display()
+            )
+        })?;
         if settings.allowed_bind_roots.is_empty() {
             let volumes = settings.bind_roots().remove(0);
             std::fs::create_dir_all(&volumes)
@@ -106,7 +114,9 @@ impl Worker {
                 settings.command_timeout(),
                 &settings.apptainer_env,
             )
-            .context("could not prepare the record of apptainer calls in the data directory")?,
+            .context("could not prepare the record of apptainer calls in the data directory")?
+            .with_temp_dir(&settings.apptainer_temp_dir())
+            .context("could not prepare apptainer's temporary directory in the data directory")?,
         );
         let broker = Broker::new(&settings, &node);
         let publisher = Arc::new(Publisher::new(broker.clone()));

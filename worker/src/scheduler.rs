@@ -136,15 +136,17 @@ impl Executor {
                     attempts = number - 1,
                     "giving up a request that was interrupted too often"
                 );
-                Err(OpError::new(
+                let error = OpError::new(
                     ErrorCode::Internal,
                     format!(
                         "the worker stopped {} times while running this request and gave it up; check the worker's log and the container's state",
                         number - 1
                     ),
-                ))
+                );
+                Err(self.abandoned(&request, error).await)
             }
             Ok(number) => match deadline_passed(deadline_ms) {
+                Some(error) if number > 1 => Err(self.abandoned(&request, error).await),
                 Some(error) => Err(error),
                 None => {
                     if number > 1 {
@@ -174,6 +176,15 @@ impl Executor {
             return;
         }
         self.outbox_wake.notify_one();
+    }
+
+    /// A write that is not run again after an interrupted attempt: undoes what that attempt may
+    /// have left on the host, where the operation knows how.
+    async fn abandoned(&self, request: &Request, error: OpError) -> OpError {
+        match request {
+            Request::Start(req) => ops::abandon_start(&self.ctx, req, error).await,
+            _ => error,
+        }
     }
 
     /// Runs the operation so that a panic becomes a 500 reply instead of a lane that never

@@ -78,7 +78,8 @@ pub struct Settings {
 
     /// More environment variables to pass to apptainer, comma-separated (`NAME*` for every
     /// variable starting with NAME). By default it gets only PATH, HOME, USER, LOGNAME, LANG,
-    /// LC_*, TZ, TMPDIR and APPTAINER_CONFIGDIR, _CACHEDIR, _TMPDIR: apptainer passes its
+    /// LC_*, TZ, TMPDIR, APPTAINER_CONFIGDIR and _CACHEDIR (APPTAINER_TMPDIR is always
+    /// `<data-dir>/build-tmp`): apptainer passes its
     /// environment into every container, and other APPTAINER_* variables change its flags.
     #[arg(long, env = "ORCHESTRATOR_APPTAINER_ENV", value_delimiter = ',')]
     pub apptainer_env: Vec<String>,
@@ -179,6 +180,11 @@ impl Settings {
 
     pub fn images_dir(&self) -> PathBuf {
         self.data_dir.join("images")
+    }
+
+    /// Apptainer's `APPTAINER_TMPDIR` (build bundles), emptied at start-up.
+    pub fn apptainer_temp_dir(&self) -> PathBuf {
+        self.data_dir.join("build-tmp")
     }
 
     pub fn definitions_dir(&self) -> PathBuf {

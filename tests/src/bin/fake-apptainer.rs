@@ -15,7 +15,8 @@
 //! * **`build`** (section 1): definition files parsed like apptainer's parser
 //!   (header keys, `Bootstrap:` first, multi-stage, section names), the
 //!   target-exists rules, a sandbox tree with `.singularity.d/` metadata or a
-//!   fake SIF file, built aside and renamed into place at the end.
+//!   fake SIF file, built aside and renamed into place at the end, with a
+//!   temporary bundle in `$APPTAINER_TMPDIR` and a helper process meanwhile.
 //! * **`instance start|run|stop|list|stats`** (sections 2-4): a real, detached
 //!   monitor process named `Apptainer instance: USER [NAME]` with an `appinit`
 //!   child, the state file and logs under `$APPTAINER_CONFIGDIR` (default
@@ -35,13 +36,16 @@
 //!   (`{"pid","argv","start_ms","end_ms","exit"}`, plus `"signal"` when the command
 //!   run by `exec` died by one).
 //! * `FAKE_APPTAINER_FAIL=sub,...`, `FAKE_APPTAINER_DELAY_MS=sub=ms,...`,
-//!   `FAKE_APPTAINER_HANG=sub,...`, `FAKE_APPTAINER_GARBAGE_LIST=1`, with `sub` one
+//!   `FAKE_APPTAINER_HANG=sub,...`, `FAKE_APPTAINER_HANG_AFTER=sub,...`,
+//!   `FAKE_APPTAINER_GARBAGE_LIST=1`, with `sub` one
 //!   of `build`, `instance-start`, `instance-stop`, `instance-list`, `exec`.
 //! * `FAKE_APPTAINER_CONTROL=/path`: `KEY=VALUE` lines (`FAIL=build`, ...) that
 //!   override the variables above while the file exists.
 
 #[path = "fake_apptainer/build.rs"]
 mod build;
+#[path = "fake_apptainer/bundle.rs"]
+mod bundle;
 #[path = "fake_apptainer/cli.rs"]
 mod cli;
 #[path = "fake_apptainer/controls.rs"]
@@ -65,7 +69,7 @@ mod sys;
 
 fn main() {
     // The monitor and appinit of a running instance are this binary too.
-    if let Some(code) = instance::hidden_mode() {
+    if let Some(code) = instance::hidden_mode().or_else(bundle::helper_mode) {
         std::process::exit(code);
     }
     let argv: Vec<String> = std::env::args_os()

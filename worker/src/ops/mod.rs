@@ -27,6 +27,7 @@ use crate::intake::validate::{
 use crate::progress::Progress;
 use crate::runtime::{Bind, Runtime, RuntimeError};
 pub use restore::converge_dead_instance;
+pub use start::abandon as abandon_start;
 
 use crate::store::{Change, ContainerRow, Store, StoreError};
 

@@ -2,6 +2,8 @@
 //! instance. Re-running an interrupted `start` converges: an image this request already built
 //! is not built again, and an instance it already started is adopted, not started twice.
 
+use std::path::Path;
+
 use schemas::{ErrorCode, Op, ReplyResult, Stage, StartRequest};
 
 use super::{instance_binds, record, Attempt, OpContext, OpError, Outcome};
@@ -61,15 +63,9 @@ pub async fn execute(
     let definition = Definition::of_start(req)
         .render_checked()
         .map_err(|e| OpError::new(ErrorCode::Internal, format!("refusing to build: {e}")))?;
-    let result = build_and_start(ctx, attempt, req, &image, &definition).await;
-    if result.is_err() {
-        // Nobody owns this image: the name is neither registered nor leftover data. Leave no
-        // half-built or unstartable image behind.
-        if let Err(e) = remove_path(&image) {
-            tracing::warn!(container = name, error = %e, "could not remove the image of a failed start");
-        }
+    if let Err(error) = build_and_start(ctx, attempt, req, &image, &definition).await {
+        return Err(clean_up(ctx, name, &image, error).await);
     }
-    result?;
 
     let ip = match ctx.runtime.instance(name).await {
         Ok(Some(running)) => running.ip,
@@ -80,6 +76,55 @@ pub async fn execute(
         }
     };
     Ok(started(row(ip)))
+}
+
+/// Undoes what a start that failed, timed out or was given up may have left on the host: the
+/// instance (a timed-out `instance start` is killed, but the instance it daemonised may be
+/// running) and the image. Nobody owns either: the name is neither registered nor leftover
+/// data, and no instance of that name ran before this request began. Returns `error`, told
+/// that something may still be running when the clean-up itself failed.
+async fn clean_up(ctx: &OpContext, name: &str, image: &Path, error: OpError) -> OpError {
+    let image_text = image.display().to_string();
+    let stopped = match ctx.runtime.instance(name).await {
+        Ok(Some(running)) if running.image == image_text => {
+            tracing::warn!(
+                container = name,
+                "stopping the instance a failed start left running"
+            );
+            ctx.runtime.stop_instance(name).await.map(|_| ())
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = stopped {
+        tracing::error!(container = name, error = %e, "could not stop the instance of a failed start");
+        return OpError::new(
+            error.code,
+            format!(
+                "{}; an instance {name} may still be running and could not be stopped ({e}): stop it with `apptainer instance stop {name}` on the host",
+                error.message
+            ),
+        );
+    }
+    if let Err(e) = remove_path(image) {
+        tracing::warn!(container = name, error = %e, "could not remove the image of a failed start");
+    }
+    error
+}
+
+/// Cleans up after a `start` the scheduler gave up or did not run again (its deadline passed)
+/// after an earlier attempt was interrupted: that attempt may have built the image and started
+/// the instance. Does nothing when the name belongs to a registered container or to leftover
+/// data, which are not this request's.
+pub async fn abandon(ctx: &OpContext, req: &StartRequest, error: OpError) -> OpError {
+    let name = req.container_name.as_str();
+    match (
+        ctx.store.container(name).await,
+        ctx.store.leftover(name).await,
+    ) {
+        (Ok(None), Ok(None)) => clean_up(ctx, name, &ctx.image_path(name), error).await,
+        _ => error,
+    }
 }
 
 fn started(row: ContainerRow) -> Outcome {

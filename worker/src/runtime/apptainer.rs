@@ -26,6 +26,7 @@ use super::{Bind, InstanceInfo, Runtime, RuntimeError, Stopped};
 /// environment on to every container, so `AMQP_URL` (the broker password) must not reach it,
 /// and `APPTAINER_*`/`SINGULARITY_*`/`APPTAINERENV_*` variables silently change flags or set
 /// variables in containers. `--apptainer-env` adds names (`NAME*` for a prefix).
+/// `APPTAINER_TMPDIR` is the worker's own choice ([`Apptainer::with_temp_dir`]).
 pub const DEFAULT_PASSED_VARIABLES: &[&str] = &[
     "PATH",
     "HOME",
@@ -37,7 +38,6 @@ pub const DEFAULT_PASSED_VARIABLES: &[&str] = &[
     "TMPDIR",
     "APPTAINER_CONFIGDIR",
     "APPTAINER_CACHEDIR",
-    "APPTAINER_TMPDIR",
 ];
 
 /// Whether `name` is one of `patterns` (exact names, or prefixes written `PREFIX*`).
@@ -64,6 +64,10 @@ pub fn apptainer_environment(
 /// After a process exits, how long to wait for the rest of its output. A detached grandchild
 /// that kept a pipe open must not hold the call.
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// After a timed-out call's process group is killed, how long to wait for all of it to be gone
+/// before leaving its record to the next start-up.
+const GROUP_GONE_WAIT: Duration = Duration::from_secs(5);
 
 /// How many apptainer processes may run at once, of each kind.
 #[derive(Debug, Clone, Copy)]
@@ -164,6 +168,28 @@ impl Apptainer {
         })
     }
 
+    /// Gives apptainer `dir` as its `APPTAINER_TMPDIR` (build bundles, SIF conversions), in
+    /// place of any inherited value, and empties it first: whatever is in it was left by calls of
+    /// an earlier run of the worker, which [`Apptainer::new`] has killed.
+    pub fn with_temp_dir(mut self, dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            tracing::warn!(path = %path.display(), "removing a temporary file left by an apptainer call of an earlier run");
+            if path.is_dir() && !path.is_symlink() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        self.env.retain(|(name, _)| name != "APPTAINER_TMPDIR");
+        self.env.push((
+            "APPTAINER_TMPDIR".into(),
+            dir.to_string_lossy().into_owned(),
+        ));
+        Ok(self)
+    }
+
     /// Runs `apptainer ARGS…` once one of `slots` is free, waiting at most `timeout`.
     async fn run(
         &self,
@@ -197,7 +223,9 @@ impl Apptainer {
                 }
             })?;
         let group = child.id();
-        let _record = group.map(|pid| self.children.record(pid));
+        // Dropped before the call ends (the operation cut off at the drain deadline), the
+        // record kills the call's whole process group, not only the leader kill_on_drop reaches.
+        let mut record = group.map(|pid| self.children.record(pid));
         let stdout = capture(child.stdout.take());
         let stderr = capture(child.stderr.take());
         let status = match tokio::time::timeout(timeout, child.wait()).await {
@@ -210,6 +238,10 @@ impl Apptainer {
                 if let Some(group) = group {
                     kill_group(group);
                 }
+                let _ = child.wait().await;
+                if let Some(record) = record.take() {
+                    record.kill_and_wait(GROUP_GONE_WAIT).await;
+                }
                 count_failure(command);
                 return Err(RuntimeError::Timeout {
                     command,
@@ -217,6 +249,9 @@ impl Apptainer {
                 });
             }
         };
+        if let Some(record) = record.take() {
+            record.finished();
+        }
         use std::os::unix::process::ExitStatusExt;
         Ok(Output {
             code: status.code(),
@@ -355,7 +390,11 @@ impl Runtime for Apptainer {
             .iter()
             .map(|b| format!("{}:{}", b.host, b.container))
             .collect();
-        let mut args = vec!["instance", "start"];
+        // Contained: no host $HOME, /tmp or working directory in the container, its own IPC
+        // namespace, and none of the worker's environment (the request's variables are in the
+        // image's %environment). Writable: the per-container sandbox is the container's own
+        // root file system, so a user can install packages into it. See SECURITY.md.
+        let mut args = vec!["instance", "start", "--containall", "--writable"];
         for spec in &bind_specs {
             args.extend(["--bind", spec.as_str()]);
         }

@@ -7,6 +7,8 @@
 //! sandboxes. The result is built at a hidden sibling path
 //! (`.NAME.fake-build-PID`) and renamed into place at the very end, so a failed or
 //! killed build never leaves a half-built TARGET and keeps an old one intact.
+//! Meanwhile the build holds a temporary bundle and a helper process, as the real
+//! one does (see `bundle.rs`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -14,6 +16,7 @@ use std::io::{self, IsTerminal};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::bundle::{Helper, TempBundle};
 use crate::cli::{self, Fail, Res};
 use crate::controls::{self, Controls};
 use crate::image::{ImageMeta, ENV_FILE, SIF_MAGIC, URI_TRANSPORTS};
@@ -151,6 +154,13 @@ pub fn run(args: &[String]) -> Res {
 
     let controls = Controls::load();
     sylog::info("Starting build...");
+    let _bundle = TempBundle::create().map_err(|e| {
+        Fail::Fatal(format!(
+            "While performing build: while creating the temporary bundle: {}",
+            sys::go_err(&e)
+        ))
+    })?;
+    let _helper = Helper::spawn(&target);
     let target_path = Path::new(&target);
     remove_stale_work(target_path);
     let in_place = update && target_path.is_dir();

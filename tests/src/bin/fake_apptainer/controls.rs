@@ -8,6 +8,7 @@
 //! | `FAIL` | `build,instance-start,...` | the subcommand fails: `FATAL:   fake-apptainer: injected failure of SUB`, exit 255 |
 //! | `DELAY_MS` | `build=2000,instance-start=300` | sleeps that long at the start of the subcommand's work |
 //! | `HANG` | `exec,...` | the subcommand sleeps forever |
+//! | `HANG_AFTER` | `instance-start,...` | the subcommand does its work (an instance start leaves its instance running), then sleeps forever instead of exiting |
 //! | `GARBAGE_LIST` | `1` | `instance list --json` prints non-JSON and exits 0 |
 //!
 //! Subcommand names: `build`, `instance-start` (also `instance run`),
@@ -20,7 +21,7 @@ use std::time::Duration;
 use crate::cli::Fail;
 use crate::sys;
 
-const KEYS: [&str; 4] = ["FAIL", "DELAY_MS", "HANG", "GARBAGE_LIST"];
+const KEYS: [&str; 5] = ["FAIL", "DELAY_MS", "HANG", "HANG_AFTER", "GARBAGE_LIST"];
 
 pub struct Controls {
     values: HashMap<&'static str, String>,
@@ -105,9 +106,14 @@ impl Controls {
             std::thread::sleep(delay);
         }
         if self.listed("HANG", sub) {
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
+            hang();
+        }
+    }
+
+    /// Hangs if `sub` is to hang once its work is done (`HANG_AFTER`).
+    pub fn hang_after(&self, sub: &str) {
+        if self.listed("HANG_AFTER", sub) {
+            hang();
         }
     }
 
@@ -118,6 +124,13 @@ impl Controls {
             return Err(injected_failure(sub));
         }
         Ok(())
+    }
+}
+
+/// Sleeps until killed, as a stuck apptainer would.
+fn hang() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }
 

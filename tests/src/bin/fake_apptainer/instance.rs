@@ -42,6 +42,9 @@ const APPINIT_ENV: &str = "FAKE_APPTAINER_INTERNAL_APPINIT";
 /// How long `instance start` waits for the monitor to report.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The starter apptainer names when it fails (a distribution package's path, reference 2.5).
+const STARTER: &str = "/usr/libexec/apptainer/bin/starter";
+
 /// The address range of the default `bridge` network (10.22.0.0/16).
 const IP_RANGE: &str = "10.22.0.1-10.22.255.254";
 
@@ -301,20 +304,15 @@ pub fn start(args: &[String], run: bool) -> Res {
         Ok(p) => p,
         Err(ends) => return ends,
     };
-    Controls::load().gate("instance-start")?;
+    let controls = Controls::load();
+    controls.gate("instance-start")?;
     let (image_arg, name) = (p.args[0].as_str(), p.args[1].as_str());
     let ident = Ident::load();
-    if image_arg.starts_with("instance://") {
-        return Err(Fail::Fatal(
-            "While setting image/instance: starting an instance from another is not allowed"
-                .to_string(),
-        ));
-    }
     let network = network_choice(&p);
     if p.bool("writable") && p.bool("writable-tmpfs") {
         sylog::warning("Disabling --writable-tmpfs flag, mutually exclusive with --writable");
     }
-    let image = image::open(image_arg, &ident)?;
+    let image = open_image(&p, image_arg, &ident)?;
     if !valid_name(name) {
         return Err(Fail::Fatal(format!(
             "while executing starter: while checking instance name: {name} is not a valid instance name"
@@ -326,17 +324,10 @@ pub fn start(args: &[String], run: bool) -> Res {
     }
     let binds = parse_binds(&bind_values(&p));
     check_binds(&binds)?;
+    check_network_allowed(network.as_deref())?;
 
     let logs_dir = ident.logs_dir();
-    for dir in [&logs_dir, &state_dir] {
-        sys::mkdir_p(dir, 0o700).map_err(|e| {
-            Fail::Fatal(format!(
-                "while executing starter: failed to start instance: mkdir {}: {}",
-                dir.display(),
-                sys::go_err(&e)
-            ))
-        })?;
-    }
+    make_dirs(&[&logs_dir, &state_dir])?;
     let log_out = logs_dir.join(format!("{name}.out"));
     let log_err = logs_dir.join(format!("{name}.err"));
 
@@ -374,8 +365,29 @@ pub fn start(args: &[String], run: bool) -> Res {
     .compact();
     let pid = spawn_monitor(&ident, name, &spec, &log_err)?;
     drop(lock);
+    controls.hang_after("instance-start");
 
     sylog::info("instance started successfully");
+    write_pid_file(&p, pid);
+    cli::ok()
+}
+
+/// The directories of the instance's state and logs.
+fn make_dirs(dirs: &[&Path]) -> Result<(), Fail> {
+    for dir in dirs {
+        sys::mkdir_p(dir, 0o700).map_err(|e| {
+            Fail::Fatal(format!(
+                "while executing starter: failed to start instance: mkdir {}: {}",
+                dir.display(),
+                sys::go_err(&e)
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// `--pid-file`: written after a successful start; a failure only warns (reference 2.2).
+fn write_pid_file(p: &Parsed, pid: i64) {
     if let Some(pid_file) = p.str("pid-file").filter(|f| !f.is_empty()) {
         if let Err(e) = fs::write(pid_file, format!("{pid}\n")) {
             sylog::warning(&format!(
@@ -384,7 +396,25 @@ pub fn start(args: &[String], run: bool) -> Res {
             ));
         }
     }
-    cli::ok()
+}
+
+/// The image to start, absolute: not another instance, and not a SIF if `--writable`.
+fn open_image(p: &Parsed, image_arg: &str, ident: &Ident) -> Result<String, Fail> {
+    if image_arg.starts_with("instance://") {
+        return Err(Fail::Fatal(
+            "While setting image/instance: starting an instance from another is not allowed"
+                .to_string(),
+        ));
+    }
+    let image = image::open(image_arg, ident)?;
+    if p.bool("writable") && !Path::new(&image).is_dir() {
+        // A SIF is read-only unless it carries an overlay partition, which the fake's never do
+        // (apptainer-next.md 1.1).
+        return Err(Fail::Fatal(format!(
+            "no SIF writable overlay partition found in {image}"
+        )));
+    }
+    Ok(image)
 }
 
 /// The first requested network when a network namespace is asked for (reference 2.2).
@@ -407,6 +437,20 @@ fn network_choice(p: &Parsed) -> Option<String> {
             .unwrap_or("bridge")
             .to_string()
     })
+}
+
+/// Only root may use a CNI network; anyone may use `none` (reference 2.5 and 6.3). The refusal
+/// comes from inside the starter, so apptainer echoes it before its own FATAL.
+fn check_network_allowed(network: Option<&str>) -> Result<(), Fail> {
+    match network {
+        Some(net) if net != "none" && sys::uid() != 0 => {
+            sylog::fatal("container creation failed: network requires root or a suid installation with /etc/subuid --fakeroot; non-root users can only use --network=none unless permitted by the administrator");
+            Err(Fail::Fatal(format!(
+                "while executing starter: failed to start instance: while running {STARTER}: exit status 255"
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `IP=` from `--network-args "[net:]K=V;K2=V2"`.
@@ -538,6 +582,7 @@ fn config_json(p: &Parsed, binds: &[Bind], network: Option<&str>, run: bool) -> 
         ("containAll", flag("containall")),
         ("cleanEnv", flag("cleanenv")),
         ("fakeroot", flag("fakeroot")),
+        ("writable", flag("writable")),
         ("writableTmpfs", flag("writable-tmpfs")),
         ("noHome", flag("no-home")),
     ])
