@@ -161,22 +161,37 @@ impl TakenWrite {
 }
 
 /// The request's deadline: the AMQP `expiration` counted from its `timestamp` (or from now, when
-/// it has none), and the `x-deadline` header (RFC 3339); the earlier of the two.
+/// it has none), and the `x-deadline` header (RFC 3339); the earlier of the two. Hostile values
+/// never overflow: a `timestamp` past what milliseconds in an `i64` can hold is refused, and an
+/// expiration reaching past that end saturates to the latest deadline there is.
 fn deadline_ms(properties: &lapin::BasicProperties) -> Result<Option<i64>, String> {
-    let now = crate::store::now_ms();
     let mut deadline: Option<i64> = None;
     if let Some(expiration) = properties.expiration() {
-        let ttl: i64 = expiration.as_str().parse().map_err(|_| {
-            format!(
-                "the expiration property {:?} is not a number of milliseconds",
-                expiration.as_str()
-            )
-        })?;
-        let sent = properties
-            .timestamp()
-            .map(|seconds| seconds as i64 * 1000)
-            .unwrap_or(now);
-        deadline = Some(sent + ttl);
+        let ttl: i64 = expiration
+            .as_str()
+            .parse()
+            .ok()
+            .filter(|ttl: &i64| *ttl >= 0)
+            .ok_or_else(|| {
+                format!(
+                    "the expiration property {:?} is not a number of milliseconds (0 to {}); send a smaller one or none",
+                    expiration.as_str(),
+                    i64::MAX
+                )
+            })?;
+        let sent = match properties.timestamp() {
+            None => crate::store::now_ms(),
+            Some(seconds) => i64::try_from(*seconds)
+                .ok()
+                .and_then(|s| s.checked_mul(1000))
+                .ok_or_else(|| {
+                    format!(
+                        "the timestamp property {seconds} is not a time in seconds since 1970 (at most {}); send the time the request was published, or none",
+                        i64::MAX / 1000
+                    )
+                })?,
+        };
+        deadline = Some(sent.saturating_add(ttl));
     }
     let header = properties
         .headers()
@@ -197,7 +212,7 @@ fn deadline_ms(properties: &lapin::BasicProperties) -> Result<Option<i64>, Strin
             .map_err(|e| format!("the x-deadline header {text:?} is not an RFC 3339 time: {e}"))?;
         let at_ms = at
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0);
         deadline = Some(deadline.map_or(at_ms, |d| d.min(at_ms)));
     }
@@ -650,12 +665,39 @@ async fn requeue(delivery: Delivery) {
 mod tests {
     use lapin::types::{AMQPValue, FieldTable, LongString};
 
-    use super::wants_progress;
+    use super::{deadline_ms, wants_progress};
 
     fn headers(value: AMQPValue) -> FieldTable {
         let mut table = FieldTable::default();
         table.insert(schemas::PROGRESS_HEADER.into(), value);
         table
+    }
+
+    fn expiring(timestamp: Option<u64>, expiration: &str) -> lapin::BasicProperties {
+        let properties = lapin::BasicProperties::default().with_expiration(expiration.into());
+        match timestamp {
+            Some(seconds) => properties.with_timestamp(seconds),
+            None => properties,
+        }
+    }
+
+    #[test]
+    fn a_timestamp_too_large_to_be_a_time_is_refused_with_a_reason() {
+        let refused = deadline_ms(&expiring(Some(u64::MAX), "1000")).unwrap_err();
+        assert!(refused.contains("timestamp"), "{refused}");
+    }
+
+    #[test]
+    fn a_huge_expiration_means_a_deadline_as_late_as_can_be_not_an_overflow() {
+        let huge = i64::MAX.to_string();
+        assert_eq!(deadline_ms(&expiring(None, &huge)), Ok(Some(i64::MAX)));
+        let last_second = (i64::MAX / 1000) as u64;
+        assert_eq!(
+            deadline_ms(&expiring(Some(last_second), &huge)),
+            Ok(Some(i64::MAX))
+        );
+        let refused = deadline_ms(&expiring(None, "99999999999999999999")).unwrap_err();
+        assert!(refused.contains("expiration"), "{refused}");
     }
 
     #[test]
