@@ -167,7 +167,12 @@ async fn metrics_count_requests_replies_and_apptainer_calls() {
 }
 
 /// Polls `/metrics` until `series` reaches at least `at_least`; returns the last scrape.
-async fn wait_for_sample(worker: &TestWorker, port: u16, series: &str, at_least: f64) -> String {
+pub(crate) async fn wait_for_sample(
+    worker: &TestWorker,
+    port: u16,
+    series: &str,
+    at_least: f64,
+) -> String {
     let deadline = Instant::now() + HTTP_TIMEOUT;
     loop {
         let (_, metrics) = get(port, "/metrics").await;

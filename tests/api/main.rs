@@ -10,6 +10,7 @@ mod check;
 mod cli;
 mod compose;
 mod containment;
+mod delivery;
 mod failures;
 mod faults;
 mod hostile;

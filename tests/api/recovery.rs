@@ -53,7 +53,7 @@ async fn the_same_request_published_twice_runs_once_and_both_get_the_same_reply(
 
 #[tokio::test]
 async fn a_worker_killed_during_a_build_finishes_the_start_once_after_it_restarts() {
-    // Arrange: a slow build, and other requests queued behind and beside it.
+    // Arrange: a slow build, and other writes queued behind and beside it.
     let mut worker = spawn_worker_with(WorkerOptions {
         env: vec![("FAKE_APPTAINER_DELAY_MS".into(), "build=3000".into())],
         ..WorkerOptions::default()
@@ -67,9 +67,6 @@ async fn a_worker_killed_during_a_build_finishes_the_start_once_after_it_restart
         .await;
     let beside = worker
         .send(start_request("bystander"), Publish::default())
-        .await;
-    let read = worker
-        .send(named("getcont", "crash"), Publish::default())
         .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !worker.fake_calls_begun().iter().any(|argv| {
@@ -88,11 +85,10 @@ async fn a_worker_killed_during_a_build_finishes_the_start_once_after_it_restart
     assert_eq!(start.status, 201, "{start:?}\n{}", worker.log());
     assert_eq!(behind.wait(REPLY_TIMEOUT).await.unwrap().status, 200);
     assert_eq!(beside.wait(REPLY_TIMEOUT).await.unwrap().status, 201);
-    let read = read.wait(REPLY_TIMEOUT).await.unwrap();
-    assert_eq!(
-        read.status, 200,
-        "the read was redelivered and ran after the stop: {read:?}"
-    );
+    // A read asked after the restart sees the stop that was queued behind the start. (Reads
+    // queued at a crash are not redelivered: they are acknowledged once queued; RELIABILITY.md.)
+    let read = worker.call(named("getcont", "crash")).await;
+    assert_eq!(read.status, 200, "{read:?}");
     let Some(schemas::ReplyResult::Container(record)) = read.result else {
         panic!("getcont returns the record")
     };
@@ -107,10 +103,6 @@ async fn a_worker_killed_during_a_build_finishes_the_start_once_after_it_restart
         .count();
     assert_eq!(starts, 1, "the instance was started once");
     assert_eq!(worker.running_instances(), ["bystander"]);
-
-    // Nothing is answered twice: the reply queue holds no stray final replies.
-    let again = worker.call(named("getcont", "crash")).await;
-    assert_eq!(again.status, 200);
 }
 
 #[tokio::test]

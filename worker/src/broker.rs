@@ -22,6 +22,8 @@ pub struct Broker {
     pub dead_letter_queue: String,
     prefetch: u16,
     node: String,
+    /// How many times a reply the broker refuses is published before it is set aside.
+    pub reply_attempts: u32,
 }
 
 /// A failure to talk to the broker, with the URL's password redacted.
@@ -43,6 +45,7 @@ impl Broker {
             dead_letter_queue: settings.dead_letter_queue(),
             prefetch: settings.prefetch,
             node: node.to_owned(),
+            reply_attempts: settings.reply_attempts,
         }
     }
 

@@ -27,6 +27,9 @@ pub const OUTBOX_DEPTH: &str = "orchestrator_outbox_depth";
 pub const LANES: &str = "orchestrator_lanes";
 /// Jobs in the longest lane.
 pub const LONGEST_LANE: &str = "orchestrator_longest_lane";
+/// Replies the broker kept refusing (a full reply queue that rejects publishes), given up after
+/// `--reply-attempts` and kept in the state database for `--dedupe-hours`.
+pub const REPLIES_SET_ASIDE: &str = "orchestrator_replies_set_aside_total";
 /// Deliveries the broker marked as redelivered.
 pub const REDELIVERIES: &str = "orchestrator_redeliveries_total";
 /// Duplicate requests answered without running them again.
@@ -85,6 +88,10 @@ fn describe() {
     );
     describe_gauge!(LANES, "Containers with queued or running work");
     describe_gauge!(LONGEST_LANE, "Jobs in the longest lane");
+    describe_counter!(
+        REPLIES_SET_ASIDE,
+        "Replies the broker kept refusing, set aside after --reply-attempts"
+    );
     describe_counter!(
         REDELIVERIES,
         "Deliveries marked as redelivered by the broker"

@@ -1,6 +1,7 @@
 //! Publishing replies: the [`Publisher`] (persistent, `mandatory`, confirmed) and the outbox
 //! loop that drains committed replies through it, retrying with backoff while the broker is
-//! away. A reply leaves the outbox only once the broker has confirmed it.
+//! away. A reply leaves the outbox only once the broker has confirmed it. A reply the broker
+//! refuses (nacks) is retried on its own schedule, then set aside; it never holds up the others.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError};
-use crate::store::{ReplyTarget, Store};
+use crate::store::{now_ms, NextAttempt, ReplyTarget, Store};
 
 /// How many replies one round of the outbox publishes before awaiting their confirms.
 const OUTBOX_BATCH: u32 = 256;
@@ -26,6 +27,9 @@ pub enum Delivered {
     Confirmed,
     /// The reply queue does not exist (the requester is gone); the broker returned it.
     NoSuchQueue,
+    /// The broker refused (nacked) this message, e.g. its queue is full and rejects publishes.
+    /// Only this message: the connection is fine.
+    Refused,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +38,6 @@ pub enum PublishError {
     Connect(#[from] BrokerError),
     #[error("publishing a reply failed: {0}")]
     Publish(#[from] lapin::Error),
-    #[error("the broker refused (nacked) a reply")]
-    Nacked,
 }
 
 /// Publishes replies on its own connection, reconnecting on demand.
@@ -77,8 +79,31 @@ impl Publisher {
         }
     }
 
+    /// Declares the broker topology again (a queue of it was deleted under the worker).
+    pub async fn declare_topology(&self) -> Result<(), PublishError> {
+        let channel = self.channel().await?;
+        Ok(self.broker.declare_topology(&channel).await?)
+    }
+
+    /// What becomes of a reply the broker has refused `refusals` times: another attempt after
+    /// a backoff (1 s, doubling up to a minute, jittered), or, after `--reply-attempts`, set aside.
+    pub fn after_refusal(&self, refusals: u32) -> NextAttempt {
+        let mut delays = backon::BackoffBuilder::build(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_secs(1))
+                .with_max_delay(Duration::from_secs(60))
+                .with_jitter()
+                .with_max_times(self.broker.reply_attempts.saturating_sub(1) as usize),
+        );
+        match delays.nth(refusals.saturating_sub(1) as usize) {
+            Some(delay) => NextAttempt::At(now_ms().saturating_add(delay.as_millis() as i64)),
+            None => NextAttempt::SetAside,
+        }
+    }
+
     /// Publishes replies, pipelined, and awaits every confirm. The result has one entry per
-    /// reply, in order; an error means none of them can be trusted to have arrived.
+    /// reply, in order; an error means none of them can be trusted to have arrived (the
+    /// connection failed), while a refusal of one message is that message's outcome.
     pub async fn publish_all(
         &self,
         replies: &[(ReplyTarget, String)],
@@ -160,7 +185,7 @@ async fn send(
 async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<Delivered, PublishError> {
     let confirmation = confirm.await?;
     if confirmation.is_nack() {
-        return Err(PublishError::Nacked);
+        return Ok(Delivered::Refused);
     }
     Ok(if confirmation.take_message().is_some() {
         Delivered::NoSuchQueue
@@ -179,7 +204,8 @@ pub fn reconnect_backoff() -> ExponentialBuilder {
 }
 
 /// Drains the outbox through the publisher until `stop` is cancelled and the outbox is empty
-/// (or `stop` is cancelled and the broker stays away past the final flush).
+/// (or `stop` is cancelled and the broker stays away past the final flush). Between rounds it
+/// waits for a wake-up, the poll period, or the next attempt at a refused reply.
 pub async fn run(
     store: Store,
     publisher: Arc<Publisher>,
@@ -194,15 +220,22 @@ pub async fn run(
         if stop.is_cancelled() {
             return;
         }
+        let pause = match store.outbox_next_attempt().await {
+            Ok(Some(at)) => {
+                Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64).min(OUTBOX_POLL)
+            }
+            _ => OUTBOX_POLL,
+        };
         tokio::select! {
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(OUTBOX_POLL) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.cancelled() => {}
         }
     }
 }
 
-/// Publishes everything in the outbox, batch by batch, retrying each batch with backoff.
+/// Publishes everything due in the outbox, batch by batch, retrying each batch with backoff
+/// while the broker is away. Replies the broker refuses are settled one by one.
 async fn drain(
     store: &Store,
     publisher: &Publisher,
@@ -222,14 +255,38 @@ async fn drain(
             .notify(|e, after| {
                 tracing::warn!(error = %e, retry_in = ?after, "replies wait in the outbox for the broker")
             });
-        let published = tokio::select! {
-            result = publish => result,
+        let outcomes = tokio::select! {
+            result = publish => match result {
+                Ok(outcomes) => outcomes,
+                Err(_) => continue,
+            },
             _ = stop.cancelled() => return Ok(()),
         };
-        if published.is_ok() {
-            store
-                .outbox_remove(batch.iter().map(|row| row.id).collect())
-                .await?;
+        let (mut delivered, mut refused) = (Vec::new(), Vec::new());
+        for (row, outcome) in batch.iter().zip(outcomes) {
+            if outcome == Delivered::Refused {
+                let next = publisher.after_refusal(row.refusals + 1);
+                note_refusal(&row.target, row.refusals + 1, next);
+                refused.push((row.id, next));
+            } else {
+                delivered.push(row.id);
+            }
+        }
+        store.outbox_settle(delivered, refused).await?;
+    }
+}
+
+/// Logs a refused reply, and counts it when it is set aside.
+pub fn note_refusal(target: &ReplyTarget, refusals: u32, next: NextAttempt) {
+    match next {
+        NextAttempt::At(at) => tracing::warn!(reply_to = %target.reply_to,
+            correlation_id = ?target.correlation_id, refusals,
+            retry_in_ms = at.saturating_sub(now_ms()).max(0),
+            "the broker refused a reply (is its reply queue full?); it is retried on its own"),
+        NextAttempt::SetAside => {
+            metrics::counter!(crate::metrics::REPLIES_SET_ASIDE).increment(1);
+            tracing::error!(reply_to = %target.reply_to, correlation_id = ?target.correlation_id,
+                refusals, "the broker kept refusing a reply; it is set aside in the state database and not sent again");
         }
     }
 }

@@ -125,6 +125,13 @@ pub struct Settings {
     #[arg(long, env = "ORCHESTRATOR_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
 
+    /// How many times a reply the broker refuses (its reply queue is full and rejects
+    /// publishes) is published before it is set aside: kept in the state database for
+    /// `--dedupe-hours`, counted in `orchestrator_replies_set_aside_total`, not sent again. The
+    /// attempts are 1 s apart at first, doubling up to a minute; other replies never wait.
+    #[arg(long, env = "ORCHESTRATOR_REPLY_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub reply_attempts: u32,
+
     /// How long a finished request's reply is kept to answer a redelivered duplicate, in hours.
     #[arg(long, env = "ORCHESTRATOR_DEDUPE_HOURS", default_value_t = 24)]
     pub dedupe_hours: u64,

@@ -1,17 +1,24 @@
 //! Intake: deliveries in delivery order — decode, validate, deduplicate, write to the inbox,
 //! then acknowledge, and hand each request to its container's lane.
 //!
-//! The ack policy, which is what makes "nothing lost" true:
+//! The ack policy, which is what makes "nothing lost" true for writes:
 //! - a write request is acknowledged only after it (or the fact that it is a duplicate) is
 //!   committed to the inbox; if that commit fails, the delivery is returned to the broker;
-//! - a read is not written anywhere: it is acknowledged only after its reply is confirmed by the
-//!   broker, so a crash before that makes the broker redeliver it;
-//! - an invalid request is answered (400/413) and acknowledged, never requeued.
+//! - a read is not written anywhere: it is acknowledged once it is queued in its lane, so that
+//!   reads waiting behind a long build never hold the prefetch (which would stop every other
+//!   container's requests) nor outlive the broker's delivery timeout. It changes nothing, so a
+//!   crash before its reply costs the client one re-ask; a read still queued at shutdown is
+//!   answered `500` asking to send it again;
+//! - an invalid request is answered (400/413) and acknowledged once its reply is safe, never
+//!   requeued; a delivery that keeps coming back is moved to the dead-letter queue, answered and
+//!   acknowledged. Both replies are published on tasks of their own ([`answer`]): a requester
+//!   whose reply queue refuses publishes delays nobody else.
 //!
 //! Deliveries are handled in order so that lanes receive requests in delivery order; the
 //! deliveries the broker has already sent are taken together, and their write requests are
 //! committed to the inbox in one transaction.
 
+mod answer;
 mod decode;
 pub mod validate;
 
@@ -20,7 +27,6 @@ pub use decode::{decode, Refused};
 use std::sync::Arc;
 use std::time::Instant;
 
-use backon::Retryable;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -35,6 +41,7 @@ use crate::progress::{Progress, Watcher};
 use crate::reply::{to_body, ReplyHeader};
 use crate::scheduler::{Job, JobKind, Scheduler, GLOBAL_LANE};
 use crate::store::{now_ms, Accepted, Offer, ReplyTarget, Store};
+use answer::Answerer;
 
 pub struct Intake {
     pub store: Store,
@@ -161,22 +168,37 @@ impl TakenWrite {
 }
 
 /// The request's deadline: the AMQP `expiration` counted from its `timestamp` (or from now, when
-/// it has none), and the `x-deadline` header (RFC 3339); the earlier of the two.
+/// it has none), and the `x-deadline` header (RFC 3339); the earlier of the two. Hostile values
+/// never overflow: a `timestamp` past what milliseconds in an `i64` can hold is refused, and an
+/// expiration reaching past that end saturates to the latest deadline there is.
 fn deadline_ms(properties: &lapin::BasicProperties) -> Result<Option<i64>, String> {
-    let now = crate::store::now_ms();
     let mut deadline: Option<i64> = None;
     if let Some(expiration) = properties.expiration() {
-        let ttl: i64 = expiration.as_str().parse().map_err(|_| {
-            format!(
-                "the expiration property {:?} is not a number of milliseconds",
-                expiration.as_str()
-            )
-        })?;
-        let sent = properties
-            .timestamp()
-            .map(|seconds| seconds as i64 * 1000)
-            .unwrap_or(now);
-        deadline = Some(sent + ttl);
+        let ttl: i64 = expiration
+            .as_str()
+            .parse()
+            .ok()
+            .filter(|ttl: &i64| *ttl >= 0)
+            .ok_or_else(|| {
+                format!(
+                    "the expiration property {:?} is not a number of milliseconds (0 to {}); send a smaller one or none",
+                    expiration.as_str(),
+                    i64::MAX
+                )
+            })?;
+        let sent = match properties.timestamp() {
+            None => crate::store::now_ms(),
+            Some(seconds) => i64::try_from(*seconds)
+                .ok()
+                .and_then(|s| s.checked_mul(1000))
+                .ok_or_else(|| {
+                    format!(
+                        "the timestamp property {seconds} is not a time in seconds since 1970 (at most {}); send the time the request was published, or none",
+                        i64::MAX / 1000
+                    )
+                })?,
+        };
+        deadline = Some(sent.saturating_add(ttl));
     }
     let header = properties
         .headers()
@@ -197,7 +219,7 @@ fn deadline_ms(properties: &lapin::BasicProperties) -> Result<Option<i64>, Strin
             .map_err(|e| format!("the x-deadline header {text:?} is not an RFC 3339 time: {e}"))?;
         let at_ms = at
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0);
         deadline = Some(deadline.map_or(at_ms, |d| d.min(at_ms)));
     }
@@ -258,7 +280,7 @@ impl Intake {
             };
             // `count` redeliveries: this is delivery number count + 1.
             if count >= self.max_attempts {
-                self.dead_letter(delivery, envelope, count, received).await;
+                self.dead_letter(delivery, envelope, count, received);
                 return Taken::Handled;
             }
         }
@@ -310,14 +332,8 @@ impl Intake {
                     duration_ms: received.elapsed().as_millis() as u64,
                 };
                 let reply = header.error(envelope.target.correlation_id.as_deref(), code, &message);
-                publish_then_ack(
-                    &self.publisher,
-                    &self.abort,
-                    delivery,
-                    envelope.target,
-                    to_body(&reply),
-                )
-                .await;
+                self.answerer()
+                    .answer_then_ack(delivery, envelope.target, to_body(&reply));
                 Taken::Handled
             }
             Ok(request) if request.op().is_read() => Taken::Read(TakenRead {
@@ -364,37 +380,22 @@ impl Intake {
     }
 
     /// Moves a delivery that keeps coming back to the dead-letter queue, answers its requester,
-    /// and acknowledges it.
-    async fn dead_letter(
-        &self,
-        delivery: Delivery,
-        envelope: Envelope,
-        count: u32,
-        received: Instant,
-    ) {
+    /// and acknowledges it, on a task of its own.
+    fn dead_letter(&self, delivery: Delivery, envelope: Envelope, count: u32, received: Instant) {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
             "x-orchestrator-deliveries".into(),
-            lapin::types::AMQPValue::LongUInt(count),
+            AMQPValue::LongUInt(count),
         );
         headers.insert(
             "x-orchestrator-reason".into(),
-            lapin::types::AMQPValue::LongString(
+            AMQPValue::LongString(
                 format!("delivered {count} times without being processed").into(),
             ),
         );
         let properties = delivery.properties.clone().with_headers(headers);
-        if let Err(e) = self
-            .publisher
-            .publish_to(&self.dead_letter_queue, &delivery.data, properties)
-            .await
-        {
-            tracing::warn!(error = %e, "could not move a delivery to the dead-letter queue; it goes back to the broker");
-            requeue(delivery).await;
-            return;
-        }
-        tracing::error!(identity = %envelope.identity, count, queue = %self.dead_letter_queue,
-            "a delivery kept coming back unprocessed; moved it to the dead-letter queue");
+        tracing::warn!(identity = %envelope.identity, count, queue = %self.dead_letter_queue,
+            "a delivery keeps coming back unprocessed; moving it to the dead-letter queue");
         let (op, container_name) = decode::claimed(&delivery.data);
         let header = ReplyHeader {
             node: self.node.clone(),
@@ -411,14 +412,24 @@ impl Intake {
                 self.dead_letter_queue
             ),
         );
-        publish_then_ack(
-            &self.publisher,
-            &self.stop,
+        self.answerer().dead_letter_then_ack(
             delivery,
+            self.dead_letter_queue.clone(),
+            properties,
             envelope.target,
             to_body(&reply),
-        )
-        .await;
+        );
+    }
+
+    /// Publishes replies outside the outbox, each on a task of its own.
+    fn answerer(&self) -> Answerer {
+        Answerer {
+            publisher: Arc::clone(&self.publisher),
+            store: self.store.clone(),
+            outbox_wake: Arc::clone(&self.outbox_wake),
+            tracker: self.tracker.clone(),
+            abort: self.abort.clone(),
+        }
     }
 
     async fn accept_read(&self, read: TakenRead) {
@@ -441,6 +452,12 @@ impl Intake {
             self.report_queued(&request, &lane, target.clone(), received_ms)
                 .await;
         }
+        let header = ReplyHeader {
+            node: self.node.clone(),
+            op: Some(request.op()),
+            container_name: request.container_name().map(|n| n.to_string()),
+            duration_ms: 0,
+        };
         let job = Job {
             kind: JobKind::Read {
                 request,
@@ -449,19 +466,32 @@ impl Intake {
                 correlation_id: target.correlation_id.clone(),
                 reply: reply_tx,
             },
-            permit: Some(permit),
+            // The permit stays with the answer below: it bounds the reads queued and the
+            // replies waiting for the broker.
+            permit: None,
             progress: None,
             span: tracing::Span::current(),
         };
         self.scheduler.submit(&lane, job);
-        let publisher = Arc::clone(&self.publisher);
-        let abort = self.abort.clone();
+        // Queued in its lane, the read no longer needs its delivery (see the ack policy).
+        self.acknowledge(delivery);
+        let answerer = self.answerer();
         let answering = async move {
-            // No reply means shutdown dropped the job; the broker redelivers it once the
-            // channel closes.
-            if let Ok(reply) = reply_rx.await {
-                publish_then_ack(&publisher, &abort, delivery, target, to_body(&reply)).await
-            }
+            let reply = reply_rx.await.unwrap_or_else(|_| {
+                // Shutdown came before the read's turn in its lane.
+                let header = ReplyHeader {
+                    duration_ms: received.elapsed().as_millis() as u64,
+                    ..header
+                };
+                crate::metrics::replied(header.op, ErrorCode::Internal.status(), None);
+                header.error(
+                    target.correlation_id.as_deref(),
+                    ErrorCode::Internal,
+                    "the worker shut down before this read had its turn; send it again (a read changes nothing)",
+                )
+            });
+            answerer.publish(target, to_body(&reply)).await;
+            drop(permit);
         };
         self.tracker
             .spawn(answering.instrument(tracing::Span::current()));
@@ -603,32 +633,6 @@ pub fn lane_of(request: &Request) -> String {
         .unwrap_or_else(|| GLOBAL_LANE.to_owned())
 }
 
-/// Publishes a reply that is not in the outbox (a read's, or a refusal's), retrying with backoff
-/// while the broker is away, and acknowledges the delivery once the reply is confirmed. When
-/// `abort` fires first, the delivery is left unacknowledged: the broker redelivers it.
-async fn publish_then_ack(
-    publisher: &Publisher,
-    abort: &CancellationToken,
-    delivery: Delivery,
-    target: ReplyTarget,
-    body: String,
-) {
-    let replies = [(target, body)];
-    let publish = (|| publisher.publish_all(&replies))
-        .retry(crate::outbox::reconnect_backoff())
-        .notify(|e, after| tracing::warn!(error = %e, retry_in = ?after, "a reply waits for the broker"));
-    tokio::select! {
-        result = publish => match result {
-            Ok(_) => ack(delivery).await,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not publish a reply; the request goes back to the broker");
-                requeue(delivery).await;
-            }
-        },
-        _ = abort.cancelled() => {}
-    }
-}
-
 async fn ack(delivery: Delivery) {
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
         // The channel is gone; the broker redelivers, and deduplication answers it.
@@ -650,12 +654,39 @@ async fn requeue(delivery: Delivery) {
 mod tests {
     use lapin::types::{AMQPValue, FieldTable, LongString};
 
-    use super::wants_progress;
+    use super::{deadline_ms, wants_progress};
 
     fn headers(value: AMQPValue) -> FieldTable {
         let mut table = FieldTable::default();
         table.insert(schemas::PROGRESS_HEADER.into(), value);
         table
+    }
+
+    fn expiring(timestamp: Option<u64>, expiration: &str) -> lapin::BasicProperties {
+        let properties = lapin::BasicProperties::default().with_expiration(expiration.into());
+        match timestamp {
+            Some(seconds) => properties.with_timestamp(seconds),
+            None => properties,
+        }
+    }
+
+    #[test]
+    fn a_timestamp_too_large_to_be_a_time_is_refused_with_a_reason() {
+        let refused = deadline_ms(&expiring(Some(u64::MAX), "1000")).unwrap_err();
+        assert!(refused.contains("timestamp"), "{refused}");
+    }
+
+    #[test]
+    fn a_huge_expiration_means_a_deadline_as_late_as_can_be_not_an_overflow() {
+        let huge = i64::MAX.to_string();
+        assert_eq!(deadline_ms(&expiring(None, &huge)), Ok(Some(i64::MAX)));
+        let last_second = (i64::MAX / 1000) as u64;
+        assert_eq!(
+            deadline_ms(&expiring(Some(last_second), &huge)),
+            Ok(Some(i64::MAX))
+        );
+        let refused = deadline_ms(&expiring(None, "99999999999999999999")).unwrap_err();
+        assert!(refused.contains("expiration"), "{refused}");
     }
 
     #[test]

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+mod outbox;
 mod writer;
+pub use outbox::{NextAttempt, OutboxRow};
 use writer::Writer;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts the ones applied. Never
@@ -109,6 +111,15 @@ const MIGRATIONS: &[&str] = &[
     BEGIN
         UPDATE container_count SET n = n - 1 WHERE id = 1;
     END;
+"#,
+    r#"
+    -- Replies the broker refused (nacked, e.g. a full reply queue with x-overflow=reject-publish):
+    -- each is retried on its own, at next_attempt_ms, and after the last attempt set aside
+    -- (set_aside_ms), kept for the deduplication window, never published again.
+    ALTER TABLE outbox ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN next_attempt_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN set_aside_ms INTEGER;
+    CREATE INDEX outbox_set_aside ON outbox (set_aside_ms) WHERE set_aside_ms IS NOT NULL;
 "#,
 ];
 
@@ -213,14 +224,6 @@ pub struct UnfinishedRequest {
     pub intent: Option<String>,
     pub received_ms: i64,
     pub deadline_ms: Option<i64>,
-}
-
-/// One reply waiting in the outbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxRow {
-    pub id: i64,
-    pub target: ReplyTarget,
-    pub body: String,
 }
 
 /// A handle on the database; cheap to clone. Reads run on the blocking pool over their own
@@ -430,13 +433,14 @@ impl Store {
         })
     }
 
-    /// Forgets finished requests (and redelivery counts) older than `age_ms`: duplicates
-    /// arriving later run again.
+    /// Forgets finished requests, redelivery counts and set-aside replies older than `age_ms`:
+    /// duplicates arriving later run again.
     pub async fn prune_finished(&self, age_ms: i64) -> StoreResult<usize> {
         self.writer
             .call(move |conn| {
                 let cutoff = now_ms() - age_ms;
                 conn.execute("DELETE FROM redeliveries WHERE updated_ms < ?1", [cutoff])?;
+                conn.execute("DELETE FROM outbox WHERE set_aside_ms < ?1", [cutoff])?;
                 Ok(conn.execute(
                     "DELETE FROM requests WHERE state = 'done' AND finished_ms < ?1",
                     [cutoff],
@@ -469,8 +473,11 @@ impl Store {
                 [],
                 |row| row.get(0),
             )?;
-            let outbox: i64 =
-                conn.query_row("SELECT COUNT(*) FROM outbox", [], |row| row.get(0))?;
+            let outbox: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM outbox WHERE set_aside_ms IS NULL",
+                [],
+                |row| row.get(0),
+            )?;
             Ok((inbox as u64, outbox as u64))
         })
         .await
@@ -572,40 +579,6 @@ impl Store {
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
-    }
-
-    /// Replies waiting to be published, oldest first.
-    pub async fn outbox_batch(&self, limit: u32) -> StoreResult<Vec<OutboxRow>> {
-        self.with(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT id, reply_to, correlation_id, body FROM outbox ORDER BY id LIMIT ?1",
-            )?;
-            let rows = stmt.query_map([limit], |row| {
-                Ok(OutboxRow {
-                    id: row.get(0)?,
-                    target: ReplyTarget {
-                        reply_to: row.get(1)?,
-                        correlation_id: row.get(2)?,
-                    },
-                    body: row.get(3)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
-    }
-
-    /// Removes replies the broker has confirmed (or that can never be delivered).
-    pub async fn outbox_remove(&self, ids: Vec<i64>) -> StoreResult<()> {
-        self.writer
-            .call(move |conn| {
-                let mut stmt = conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
-                for id in ids {
-                    stmt.execute([id])?;
-                }
-                Ok(())
-            })
-            .await
     }
 }
 
