@@ -563,13 +563,25 @@ impl Store {
         })
     }
 
-    pub async fn leftovers(&self) -> StoreResult<Vec<LeftoverRow>> {
-        self.with(|conn| {
+    /// At most `limit` leftovers by name, from the `offset`-th on, and how many there are.
+    pub async fn leftovers_page(
+        &self,
+        offset: u64,
+        limit: u32,
+    ) -> StoreResult<(Vec<LeftoverRow>, u64)> {
+        self.with(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT name, image, image_path FROM leftover_data ORDER BY name",
+                "SELECT name, image, image_path FROM leftover_data ORDER BY name
+                 LIMIT ?1 OFFSET ?2",
             )?;
-            let rows = stmt.query_map([], leftover_from_row)?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+            let rows = stmt
+                .query_map(params![limit, offset], leftover_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            let total: i64 = conn
+                .prepare_cached("SELECT count(*) FROM leftover_data")?
+                .query_row([], |r| r.get(0))?;
+            Ok((rows, total as u64))
         })
         .await
     }
