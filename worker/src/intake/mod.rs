@@ -333,34 +333,12 @@ impl Intake {
     /// Runs a store call until it succeeds. While the store refuses writes (disk full, read-only
     /// file), the delivery in hand stays unacknowledged and no further delivery is taken: the
     /// broker keeps them. `None` when shutdown came first.
-    async fn until_stored<T, F, Fut>(&self, mut call: F) -> Option<T>
+    async fn until_stored<T, F, Fut>(&self, call: F) -> Option<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = crate::store::StoreResult<T>>,
     {
-        let mut delays = backon::BackoffBuilder::build(crate::outbox::reconnect_backoff());
-        let mut failing_since: Option<Instant> = None;
-        loop {
-            match call().await {
-                Ok(value) => {
-                    if let Some(since) = failing_since {
-                        tracing::info!(after = ?since.elapsed(), "the state database accepts writes again; taking deliveries");
-                    }
-                    return Some(value);
-                }
-                Err(e) => {
-                    if failing_since.is_none() {
-                        tracing::error!(error = %e, "the state database refuses writes; deliveries stay in RabbitMQ until it accepts them again (is the disk full or the file read-only?)");
-                        failing_since = Some(Instant::now());
-                    }
-                    let delay = delays.next().unwrap_or(std::time::Duration::from_secs(30));
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.stop.cancelled() => return None,
-                    }
-                }
-            }
-        }
+        crate::store::until_written(&self.stop, "deliveries stay in RabbitMQ", call).await
     }
 
     /// Moves a delivery that keeps coming back to the dead-letter queue, answers its requester,

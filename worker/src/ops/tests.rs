@@ -13,7 +13,7 @@ use crate::store::{Change, LeftoverRow, ReplyTarget, Store};
 
 /// Instances by name, and every call made.
 #[derive(Default)]
-struct MemoryRuntime {
+pub(crate) struct MemoryRuntime {
     instances: Mutex<BTreeMap<String, InstanceInfo>>,
     calls: Mutex<Vec<String>>,
     fail_start: bool,

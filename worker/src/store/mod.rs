@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+mod retry;
 mod writer;
+pub use retry::until_written;
 use writer::Writer;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts the ones applied. Never
@@ -232,6 +234,9 @@ pub struct Store {
     /// For point reads, run in place (see [`Store::lookup`]).
     lookups: Arc<Mutex<Connection>>,
     writer: Writer,
+    /// Test-only faults: how many more times [`Store::finish`] fails, by request.
+    #[cfg(test)]
+    finish_faults: Arc<Mutex<std::collections::HashMap<i64, u32>>>,
 }
 
 impl Store {
@@ -246,6 +251,8 @@ impl Store {
             conn: Arc::new(Mutex::new(connect(path)?)),
             lookups: Arc::new(Mutex::new(connect(path)?)),
             writer,
+            #[cfg(test)]
+            finish_faults: Arc::default(),
         })
     }
 
@@ -363,6 +370,8 @@ impl Store {
     where
         R: Fn(Option<&str>) -> String + Send + 'static,
     {
+        #[cfg(test)]
+        self.injected_finish_fault(seq)?;
         self.writer
             .call(move |tx| {
                 apply_change(tx, &change)?;
@@ -396,6 +405,26 @@ impl Store {
                 Ok(())
             })
             .await
+    }
+
+    /// Test-only: makes the next `times` [`Store::finish`] calls of request `seq` fail as a
+    /// failed commit would, changing nothing.
+    #[cfg(test)]
+    pub fn fail_finish(&self, seq: i64, times: u32) {
+        let mut faults = self.finish_faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.insert(seq, times);
+    }
+
+    #[cfg(test)]
+    fn injected_finish_fault(&self, seq: i64) -> StoreResult<()> {
+        let mut faults = self.finish_faults.lock().unwrap_or_else(|p| p.into_inner());
+        match faults.get_mut(&seq) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                Err(StoreError::Group("injected: the commit failed".into()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Requests accepted but not finished, in arrival order.
