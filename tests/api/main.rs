@@ -13,6 +13,7 @@ mod failures;
 mod faults;
 mod hostile;
 mod http;
+mod idempotency;
 mod invalid_requests;
 mod lifecycle;
 mod logs;
