@@ -346,16 +346,22 @@ pub struct ContainerRecord {
     pub volume_name: Option<String>,
 }
 
-/// One page of `getallcont`.
+/// One page of `getallcont`. Pages run through the registered containers by name, then the
+/// data of deleted containers by name: a page holds at most `page_size` records of both kinds
+/// together, and the last page is `ceil((total + data_total) / page_size)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ContainerPage {
     pub containers: Vec<ContainerRecord>,
-    /// Data left on disk by deleted containers, removable with `deletecontdata`.
+    /// Data left on disk by deleted containers, removable with `deletecontdata` (this page's).
     pub data: Vec<LeftoverData>,
     pub page: u32,
     pub page_size: u32,
     /// Registered containers in all pages.
     pub total: u64,
+    /// Data of deleted containers in all pages (absent in replies of older workers, which
+    /// listed all of it on every page).
+    #[serde(default)]
+    pub data_total: u64,
 }
 
 /// The image a deleted container left behind.

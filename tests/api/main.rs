@@ -15,6 +15,7 @@ mod failures;
 mod faults;
 mod hostile;
 mod http;
+mod idempotency;
 mod invalid_requests;
 mod lifecycle;
 mod logs;

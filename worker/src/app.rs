@@ -162,6 +162,7 @@ impl Worker {
             outbox_wake: Arc::clone(&outbox_wake),
             max_attempts: self.settings.max_attempts,
             restore: self.settings.restore_policy == RestorePolicy::Restart,
+            stop: stop.clone(),
         };
         let scheduler = Scheduler::new(executor, tracker.clone(), stop.clone());
         let http_stop = CancellationToken::new();

@@ -66,6 +66,8 @@ pub struct Executor {
     pub max_attempts: u32,
     /// Whether instances that died outside the orchestrator are started again.
     pub restore: bool,
+    /// Cancelled at shutdown: a request whose end cannot be recorded is then left in the inbox.
+    pub stop: CancellationToken,
 }
 
 impl Executor {
@@ -170,12 +172,38 @@ impl Executor {
         }
         let reply_for =
             move |correlation: Option<&str>| to_body(&header.finish(correlation, &outcome));
-        if let Err(e) = self.ctx.store.finish(seq, change, reply_for).await {
-            // The request stays in the inbox and runs again at the next start.
-            tracing::error!(seq, error = %e, "could not record the end of a request; it will be resumed at the next start");
-            return;
+        if self.settle(seq, change, reply_for).await {
+            self.outbox_wake.notify_one();
         }
-        self.outbox_wake.notify_one();
+    }
+
+    /// Records the end of a request: its change, its completion and its reply, in one
+    /// transaction, retried with backoff while the store refuses it. The lane waits meanwhile,
+    /// so no later request of the container runs before this one is settled (and the intake,
+    /// whose writes fail alike, takes nothing either). `false` when shutdown came first: the
+    /// request stays in the inbox and runs again at the next start.
+    async fn settle<R>(&self, seq: i64, change: Change, reply_for: R) -> bool
+    where
+        R: Fn(Option<&str>) -> String + Send + Sync + 'static,
+    {
+        let reply_for = Arc::new(reply_for);
+        let commit = || {
+            let reply_for = Arc::clone(&reply_for);
+            let change = change.clone();
+            self.ctx
+                .store
+                .finish(seq, change, move |correlation| reply_for(correlation))
+        };
+        let settled = crate::store::until_written(&self.stop, "the request's lane waits", commit)
+            .await
+            .is_some();
+        if !settled {
+            tracing::warn!(
+                seq,
+                "shutting down before the end of a request could be recorded; it will be resumed at the next start"
+            );
+        }
+        settled
     }
 
     /// A write that is not run again after an interrupted attempt: undoes what that attempt may
@@ -359,6 +387,7 @@ mod tests {
     use std::sync::Arc;
 
     use tokio::sync::Notify;
+    use tokio_util::sync::CancellationToken;
 
     use super::Executor;
     use crate::ops::tests::{accepted, context, start};
@@ -402,6 +431,7 @@ mod tests {
             outbox_wake: Arc::new(Notify::new()),
             max_attempts: 5,
             restore: false,
+            stop: CancellationToken::new(),
         });
         let request = start("nb1");
         let seq = accepted(&executor.ctx, &request).await;
@@ -417,5 +447,88 @@ mod tests {
             .unwrap()
             .contains("the worker failed while running start"));
         assert!(executor.ctx.store.unfinished().await.unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod settling {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use schemas::{ContainerName, ContainerRequest, Request};
+    use tokio::sync::Notify;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::{Executor, Job, JobKind, Scheduler};
+    use crate::ops::tests::{accepted, context, start, MemoryRuntime};
+
+    /// A write job for `request`, as the intake submits it.
+    fn write_job(request: schemas::Request, seq: i64) -> Job {
+        Job {
+            kind: JobKind::Write {
+                request,
+                seq,
+                received_ms: crate::store::now_ms(),
+                deadline_ms: None,
+            },
+            permit: None,
+            progress: None,
+            span: tracing::Span::none(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lane_does_not_move_on_before_its_request_is_settled() {
+        // Arrange: a start whose final commit fails three times, and a stop queued behind it.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("volumes")).unwrap();
+        std::fs::create_dir_all(dir.path().join("images")).unwrap();
+        let executor = Executor {
+            ctx: context(dir.path(), Arc::new(MemoryRuntime::default())),
+            node: "test".into(),
+            outbox_wake: Arc::new(Notify::new()),
+            max_attempts: 5,
+            restore: false,
+            stop: CancellationToken::new(),
+        };
+        let store = executor.ctx.store.clone();
+        let stop = Request::Stop(ContainerRequest {
+            v: None,
+            container_name: ContainerName::parse("nb1").unwrap(),
+        });
+        let first = accepted(&executor.ctx, &start("nb1")).await;
+        let second = accepted(&executor.ctx, &stop).await;
+        store.fail_finish(first, 3);
+        let scheduler = Scheduler::new(executor, TaskTracker::new(), CancellationToken::new());
+
+        // Act
+        scheduler.submit("nb1", write_job(start("nb1"), first));
+        scheduler.submit("nb1", write_job(stop, second));
+
+        // Assert: both settled, the start first, each answered once.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !store.unfinished().await.unwrap().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let replies: Vec<(String, u64)> = store
+            .outbox_batch(10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| {
+                let reply: serde_json::Value = serde_json::from_str(&row.body).unwrap();
+                (
+                    reply["op"].as_str().unwrap().to_owned(),
+                    reply["status"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let unfinished = store.unfinished().await.unwrap();
+        assert_eq!(
+            replies,
+            [("start".to_owned(), 201), ("stop".to_owned(), 200)],
+            "unfinished: {unfinished:?}"
+        );
     }
 }

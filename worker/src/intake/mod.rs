@@ -40,7 +40,7 @@ use crate::outbox::Publisher;
 use crate::progress::{Progress, Watcher};
 use crate::reply::{to_body, ReplyHeader};
 use crate::scheduler::{Job, JobKind, Scheduler, GLOBAL_LANE};
-use crate::store::{now_ms, Accepted, Offer, ReplyTarget, Store};
+use crate::store::{now_ms, request_digest, Accepted, Offer, ReplyTarget, Store};
 use answer::Answerer;
 
 pub struct Intake {
@@ -69,9 +69,10 @@ pub struct Intake {
 /// What the intake reads from a delivery's properties.
 struct Envelope {
     target: ReplyTarget,
-    /// The idempotency key: `message_id`, else `correlation_id`.
-    idempotency_key: Option<String>,
-    /// What identifies the message across redeliveries.
+    /// The requester's idempotency key, when it set one.
+    message_id: Option<String>,
+    /// What identifies the message across redeliveries: its `message_id`, else a hash of its
+    /// correlation id and body (a correlation id alone may be a counter shared by clients).
     identity: String,
     /// When the request must have run by (unix ms), or why the deadline cannot be read.
     deadline_ms: Result<Option<i64>, String>,
@@ -94,20 +95,20 @@ impl Envelope {
                 .as_ref()
                 .map(|c| c.as_str().to_owned()),
         };
-        let idempotency_key = properties
+        let message_id = properties
             .message_id()
             .as_ref()
-            .map(|m| m.as_str().to_owned())
-            .or_else(|| target.correlation_id.clone());
-        let identity = idempotency_key.clone().unwrap_or_else(|| {
+            .map(|m| m.as_str().to_owned());
+        let identity = message_id.clone().unwrap_or_else(|| {
             use std::hash::{Hash, Hasher};
             let mut hasher = std::hash::DefaultHasher::new();
+            target.correlation_id.hash(&mut hasher);
             delivery.data.hash(&mut hasher);
             format!("body-{:016x}", hasher.finish())
         });
         Self {
             target,
-            idempotency_key,
+            message_id,
             identity,
             deadline_ms: deadline_ms(properties),
             progress: wants_progress(properties.headers().as_ref()),
@@ -146,12 +147,14 @@ struct PendingWrite {
 
 impl TakenWrite {
     fn new(delivery: Delivery, request: Request, envelope: Envelope, span: &tracing::Span) -> Self {
+        let body = serde_json::to_string(&request).expect("a request always serialises");
+        let digest = request_digest(&body);
+        let key = idempotency_key(&envelope, &digest);
         let offer = Offer {
             lane: lane_of(&request),
-            body: serde_json::to_string(&request).expect("a request always serialises"),
-            key: envelope
-                .idempotency_key
-                .unwrap_or_else(|| format!("anonymous-{}", uuid::Uuid::new_v4())),
+            body,
+            digest,
+            key,
             deadline_ms: envelope.deadline_ms.ok().flatten(),
             target: envelope.target,
         };
@@ -164,6 +167,19 @@ impl TakenWrite {
                 span: span.clone(),
             },
         }
+    }
+}
+
+/// The inbox key of a write request. `message_id` is the idempotency key: one key, one request.
+/// Without one, the correlation id is scoped by the request's digest: a redelivery of the same
+/// message is still recognised, while two different requests that share a correlation id (a
+/// counter some RPC clients restart from 1) are two requests. Without either, every delivery is
+/// a request of its own.
+fn idempotency_key(envelope: &Envelope, digest: &str) -> String {
+    match (&envelope.message_id, &envelope.target.correlation_id) {
+        (Some(message_id), _) => message_id.clone(),
+        (None, Some(correlation_id)) => format!("corr:{correlation_id}:{digest}"),
+        (None, None) => format!("anonymous-{}", uuid::Uuid::new_v4()),
     }
 }
 
@@ -349,34 +365,12 @@ impl Intake {
     /// Runs a store call until it succeeds. While the store refuses writes (disk full, read-only
     /// file), the delivery in hand stays unacknowledged and no further delivery is taken: the
     /// broker keeps them. `None` when shutdown came first.
-    async fn until_stored<T, F, Fut>(&self, mut call: F) -> Option<T>
+    async fn until_stored<T, F, Fut>(&self, call: F) -> Option<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = crate::store::StoreResult<T>>,
     {
-        let mut delays = backon::BackoffBuilder::build(crate::outbox::reconnect_backoff());
-        let mut failing_since: Option<Instant> = None;
-        loop {
-            match call().await {
-                Ok(value) => {
-                    if let Some(since) = failing_since {
-                        tracing::info!(after = ?since.elapsed(), "the state database accepts writes again; taking deliveries");
-                    }
-                    return Some(value);
-                }
-                Err(e) => {
-                    if failing_since.is_none() {
-                        tracing::error!(error = %e, "the state database refuses writes; deliveries stay in RabbitMQ until it accepts them again (is the disk full or the file read-only?)");
-                        failing_since = Some(Instant::now());
-                    }
-                    let delay = delays.next().unwrap_or(std::time::Duration::from_secs(30));
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.stop.cancelled() => return None,
-                    }
-                }
-            }
-        }
+        crate::store::until_written(&self.stop, "deliveries stay in RabbitMQ", call).await
     }
 
     /// Moves a delivery that keeps coming back to the dead-letter queue, answers its requester,
@@ -508,7 +502,11 @@ impl Intake {
             writes.into_iter().map(|w| (w.offer, w.pending)).unzip();
         let offers = Arc::new(offers);
         let Some(accepted) = self
-            .until_stored(|| self.store.accept_all(Arc::clone(&offers)))
+            .until_stored(|| {
+                let node = self.node.clone();
+                let refusal = move |offer: &Offer| key_reused_reply(&node, offer);
+                self.store.accept_all(Arc::clone(&offers), refusal)
+            })
             .await
         else {
             return false;
@@ -540,6 +538,17 @@ impl Intake {
                     "duplicate of a queued request; it will get the same reply"
                 );
                 self.acknowledge(delivery);
+                return;
+            }
+            Accepted::KeyReused { seq } => {
+                tracing::info!(
+                    seq,
+                    key,
+                    "refused: the message_id belongs to a different request (409)"
+                );
+                crate::metrics::replied(Some(request.op()), ErrorCode::Conflict.status(), None);
+                self.acknowledge(delivery);
+                self.outbox_wake.notify_one();
                 return;
             }
             Accepted::AlreadyAnswered { seq } => {
@@ -609,6 +618,27 @@ impl Intake {
             .send(&watcher, Stage::Queued, Some(position))
             .await;
     }
+}
+
+/// The `409 conflict` of a request whose `message_id` was first used for a different request.
+fn key_reused_reply(node: &str, offer: &Offer) -> String {
+    let (op, container_name) = decode::claimed(offer.body.as_bytes());
+    let header = ReplyHeader {
+        node: node.to_owned(),
+        op,
+        container_name,
+        duration_ms: 0,
+    };
+    let message = format!(
+        "the message_id {:?} was already used for a different request, so this one was not run; give every new request a new message_id and reuse one only to retry the same request",
+        offer.key
+    );
+    let reply = header.error(
+        offer.target.correlation_id.as_deref(),
+        ErrorCode::Conflict,
+        &message,
+    );
+    to_body(&reply)
 }
 
 /// Whether the delivery asked for progress envelopes: header `x-progress` set to boolean

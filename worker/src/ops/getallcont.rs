@@ -1,4 +1,5 @@
-//! `getallcont`: one page of containers by name, and the data deleted containers left behind.
+//! `getallcont`: one page of the containers by name, followed by the data deleted containers
+//! left behind, at most `page_size` records in all.
 
 use schemas::{ContainerPage, LeftoverData, Op, PageRequest, ReplyResult};
 
@@ -17,10 +18,15 @@ pub async fn execute(ctx: &OpContext, req: &PageRequest) -> Result<Outcome, OpEr
         )));
     }
     let (rows, total) = ctx.store.containers_page(page, page_size).await?;
-    let data = ctx
+    // The data of deleted containers follows the containers: this page's share of it starts
+    // where the containers ran out, and fills only the room they left.
+    let first = u64::from(page - 1) * u64::from(page_size);
+    let room = page_size - u32::try_from(rows.len()).unwrap_or(page_size);
+    let (left, data_total) = ctx
         .store
-        .leftovers()
-        .await?
+        .leftovers_page(first.saturating_sub(total), room)
+        .await?;
+    let data = left
         .into_iter()
         .map(|left| LeftoverData {
             container_name: left.name,
@@ -33,6 +39,7 @@ pub async fn execute(ctx: &OpContext, req: &PageRequest) -> Result<Outcome, OpEr
         page,
         page_size,
         total,
+        data_total,
     });
     Ok(Outcome::new(Op::Getallcont, Some(result), Change::Nothing))
 }

@@ -13,7 +13,7 @@ use crate::store::{Change, LeftoverRow, ReplyTarget, Store};
 
 /// Instances by name, and every call made.
 #[derive(Default)]
-struct MemoryRuntime {
+pub(crate) struct MemoryRuntime {
     instances: Mutex<BTreeMap<String, InstanceInfo>>,
     calls: Mutex<Vec<String>>,
     fail_start: bool,
@@ -355,4 +355,53 @@ async fn stopping_a_container_whose_instance_is_already_gone_records_it_stopped(
         panic!("recorded")
     };
     assert!(!row.active);
+}
+
+#[tokio::test]
+async fn a_page_of_getallcont_holds_at_most_page_size_records_however_many_leftovers() {
+    // Arrange: 3 registered containers and 20 deleted ones whose data is still on disk.
+    let f = fixture(MemoryRuntime::default());
+    for i in 0..3 {
+        let request = start(&format!("c{i}"));
+        let seq = accepted(&f.ctx, &request).await;
+        let started = execute(&f.ctx, &request, Some(Attempt { seq, number: 1 }))
+            .await
+            .unwrap();
+        commit(&f.ctx.store, started.change).await;
+    }
+    for i in 0..20 {
+        let left = LeftoverRow {
+            name: format!("old{i:02}"),
+            image: "jupyter/base-notebook".into(),
+            image_path: format!("/images/old{i:02}"),
+        };
+        commit(&f.ctx.store, Change::Unregister(left)).await;
+    }
+
+    // Act: every page of 5.
+    let mut seen = Vec::new();
+    for page in 1..=6 {
+        let request = Request::Getallcont(schemas::PageRequest {
+            v: None,
+            page: Some(page),
+            page_size: Some(5),
+        });
+        let outcome = execute(&f.ctx, &request, None).await.unwrap();
+        let Some(schemas::ReplyResult::Page(page)) = outcome.result else {
+            panic!("getallcont returns a page")
+        };
+
+        // Assert: no page holds more than page_size records, containers and data together.
+        let records = page.containers.len() + page.data.len();
+        assert!(records <= 5, "page {} holds {records} records", page.page);
+        assert_eq!((page.total, page.data_total), (3, 20));
+        seen.extend(page.containers.iter().map(|c| c.container_name.clone()));
+        seen.extend(page.data.iter().map(|d| d.container_name.clone()));
+    }
+    // Every record is on exactly one page: containers by name, then data by name.
+    let expected: Vec<String> = (0..3)
+        .map(|i| format!("c{i}"))
+        .chain((0..20).map(|i| format!("old{i:02}")))
+        .collect();
+    assert_eq!(seen, expected);
 }

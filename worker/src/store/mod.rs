@@ -15,8 +15,10 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 
 mod outbox;
+mod retry;
 mod writer;
 pub use outbox::{NextAttempt, OutboxRow};
+pub use retry::until_written;
 use writer::Writer;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts the ones applied. Never
@@ -121,6 +123,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE outbox ADD COLUMN set_aside_ms INTEGER;
     CREATE INDEX outbox_set_aside ON outbox (set_aside_ms) WHERE set_aside_ms IS NOT NULL;
 "#,
+    r#"
+    -- What the idempotency key was first used for: the SHA-256 of the request's canonical body
+    -- (lower-case hex). A later offer with the key and another digest is a different request
+    -- and is refused. Rows accepted before this column existed have none; their digest is
+    -- computed from their stored body, which is the same canonical form.
+    ALTER TABLE requests ADD COLUMN digest TEXT;
+"#,
 ];
 
 /// How many prepared statements a connection keeps (the store uses about twenty).
@@ -191,12 +200,15 @@ pub struct ReplyTarget {
 /// A write request offered to the inbox.
 #[derive(Debug, Clone)]
 pub struct Offer {
-    /// The idempotency key: a later offer with the same key is a duplicate.
+    /// The idempotency key: a later offer with the same key and the same digest is a
+    /// duplicate; one with another digest is a different request reusing the key.
     pub key: String,
     /// The lane it runs in.
     pub lane: String,
-    /// The request, as JSON.
+    /// The request, as canonical JSON (the typed request serialised).
     pub body: String,
+    /// [`request_digest`] of `body`.
+    pub digest: String,
     /// When it must have run by (unix ms).
     pub deadline_ms: Option<i64>,
     /// Where its reply goes.
@@ -212,6 +224,18 @@ pub enum Accepted {
     AlreadyQueued { seq: i64 },
     /// Seen before and finished: its stored reply was queued again for this delivery.
     AlreadyAnswered { seq: i64 },
+    /// The key belongs to a different request (`seq`): nothing was run or recorded for this
+    /// offer; its refusal was queued in the outbox.
+    KeyReused { seq: i64 },
+}
+
+/// The digest that tells two requests apart: SHA-256 of the canonical body, in lower-case hex.
+pub fn request_digest(body: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(body.as_bytes())
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// A request accepted but not finished, found at start-up.
@@ -235,6 +259,9 @@ pub struct Store {
     /// For point reads, run in place (see [`Store::lookup`]).
     lookups: Arc<Mutex<Connection>>,
     writer: Writer,
+    /// Test-only faults: how many more times [`Store::finish`] fails, by request.
+    #[cfg(test)]
+    finish_faults: Arc<Mutex<std::collections::HashMap<i64, u32>>>,
 }
 
 impl Store {
@@ -249,6 +276,8 @@ impl Store {
             conn: Arc::new(Mutex::new(connect(path)?)),
             lookups: Arc::new(Mutex::new(connect(path)?)),
             writer,
+            #[cfg(test)]
+            finish_faults: Arc::default(),
         })
     }
 
@@ -306,24 +335,34 @@ impl Store {
         let offer = Offer {
             key,
             lane,
+            digest: request_digest(&body),
             body,
             deadline_ms,
             target,
         };
-        let mut accepted = self.accept_all(Arc::new(vec![offer])).await?;
+        let refusal = |offer: &Offer| format!("refused {}", offer.key);
+        let mut accepted = self.accept_all(Arc::new(vec![offer]), refusal).await?;
         Ok(accepted.remove(0))
     }
 
     /// Offers write requests to the inbox in one transaction (a group commit), in order,
-    /// deduplicating by idempotency key: a later offer with the key of an earlier one is its
-    /// duplicate. Returns one outcome per offer once they are committed, all together or none:
-    /// only then may their deliveries be acknowledged.
-    pub async fn accept_all(&self, offers: Arc<Vec<Offer>>) -> StoreResult<Vec<Accepted>> {
+    /// deduplicating by idempotency key: a later offer with the key and the digest of an
+    /// earlier one is its duplicate; one with the key and another digest is refused, with the
+    /// reply `refusal` renders queued in the outbox. Returns one outcome per offer once they are
+    /// committed, all together or none: only then may their deliveries be acknowledged.
+    pub async fn accept_all<F>(
+        &self,
+        offers: Arc<Vec<Offer>>,
+        refusal: F,
+    ) -> StoreResult<Vec<Accepted>>
+    where
+        F: Fn(&Offer) -> String + Send + 'static,
+    {
         self.writer
             .call(move |tx| {
                 offers
                     .iter()
-                    .map(|offer| accept_one(tx, offer))
+                    .map(|offer| accept_one(tx, offer, &refusal))
                     .collect::<StoreResult<Vec<_>>>()
             })
             .await
@@ -366,6 +405,8 @@ impl Store {
     where
         R: Fn(Option<&str>) -> String + Send + 'static,
     {
+        #[cfg(test)]
+        self.injected_finish_fault(seq)?;
         self.writer
             .call(move |tx| {
                 apply_change(tx, &change)?;
@@ -399,6 +440,26 @@ impl Store {
                 Ok(())
             })
             .await
+    }
+
+    /// Test-only: makes the next `times` [`Store::finish`] calls of request `seq` fail as a
+    /// failed commit would, changing nothing.
+    #[cfg(test)]
+    pub fn fail_finish(&self, seq: i64, times: u32) {
+        let mut faults = self.finish_faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.insert(seq, times);
+    }
+
+    #[cfg(test)]
+    fn injected_finish_fault(&self, seq: i64) -> StoreResult<()> {
+        let mut faults = self.finish_faults.lock().unwrap_or_else(|p| p.into_inner());
+        match faults.get_mut(&seq) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                Err(StoreError::Group("injected: the commit failed".into()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Requests accepted but not finished, in arrival order.
@@ -570,13 +631,25 @@ impl Store {
         })
     }
 
-    pub async fn leftovers(&self) -> StoreResult<Vec<LeftoverRow>> {
-        self.with(|conn| {
+    /// At most `limit` leftovers by name, from the `offset`-th on, and how many there are.
+    pub async fn leftovers_page(
+        &self,
+        offset: u64,
+        limit: u32,
+    ) -> StoreResult<(Vec<LeftoverRow>, u64)> {
+        self.with(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT name, image, image_path FROM leftover_data ORDER BY name",
+                "SELECT name, image, image_path FROM leftover_data ORDER BY name
+                 LIMIT ?1 OFFSET ?2",
             )?;
-            let rows = stmt.query_map([], leftover_from_row)?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+            let rows = stmt
+                .query_map(params![limit, offset], leftover_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            let total: i64 = conn
+                .prepare_cached("SELECT count(*) FROM leftover_data")?
+                .query_row([], |r| r.get(0))?;
+            Ok((rows, total as u64))
         })
         .await
     }
@@ -707,35 +780,72 @@ fn with_correlation_id(reply: &str, correlation_id: Option<&str>) -> StoreResult
     Ok(reply.to_string())
 }
 
-fn accept_one(tx: &Connection, offer: &Offer) -> StoreResult<Accepted> {
-    let seen: Option<(i64, String, Option<String>)> = tx
-        .prepare_cached("SELECT seq, state, reply FROM requests WHERE idempotency_key = ?1")?
-        .query_row([&offer.key], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+/// What the inbox holds under an idempotency key.
+struct Seen {
+    seq: i64,
+    state: String,
+    reply: Option<String>,
+    digest: String,
+}
+
+fn seen(tx: &Connection, key: &str) -> StoreResult<Option<Seen>> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT seq, state, reply, digest, body FROM requests WHERE idempotency_key = ?1",
+        )?
+        .query_row([key], |row| {
+            let digest: Option<String> = row.get(3)?;
+            Ok(Seen {
+                seq: row.get(0)?,
+                state: row.get(1)?,
+                reply: row.get(2)?,
+                // Accepted before digests were stored: the body is the same canonical form.
+                digest: match digest {
+                    Some(digest) => digest,
+                    None => request_digest(&row.get::<_, String>(4)?),
+                },
+            })
         })
-        .optional()?;
-    Ok(match seen {
-        Some((seq, state, Some(reply))) if state == "done" => {
+        .optional()?)
+}
+
+fn accept_one(
+    tx: &Connection,
+    offer: &Offer,
+    refusal: &dyn Fn(&Offer) -> String,
+) -> StoreResult<Accepted> {
+    Ok(match seen(tx, &offer.key)? {
+        Some(Seen { seq, digest, .. }) if digest != offer.digest => {
+            insert_outbox(tx, &offer.target, &refusal(offer))?;
+            Accepted::KeyReused { seq }
+        }
+        Some(Seen {
+            seq,
+            state,
+            reply: Some(reply),
+            ..
+        }) if state == "done" => {
             let reply = with_correlation_id(&reply, offer.target.correlation_id.as_deref())?;
             insert_outbox(tx, &offer.target, &reply)?;
             Accepted::AlreadyAnswered { seq }
         }
-        Some((seq, _, _)) => {
+        Some(Seen { seq, .. }) => {
             insert_waiter(tx, seq, &offer.target)?;
             Accepted::AlreadyQueued { seq }
         }
         None => {
             tx.prepare_cached(
                 "INSERT INTO requests
-                 (idempotency_key, lane, body, state, received_ms, deadline_ms)
-                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
+                 (idempotency_key, lane, body, state, received_ms, deadline_ms, digest)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6)",
             )?
             .execute(params![
                 offer.key,
                 offer.lane,
                 offer.body,
                 now_ms(),
-                offer.deadline_ms
+                offer.deadline_ms,
+                offer.digest
             ])?;
             let seq = tx.last_insert_rowid();
             insert_waiter(tx, seq, &offer.target)?;
@@ -782,20 +892,33 @@ mod tests {
         (dir, store)
     }
 
+    /// Offers request `body` under `key` in lane nb1, replies to correlation id `correlation`.
+    async fn offer(store: &Store, key: &str, body: &str, correlation: &str) -> Accepted {
+        store
+            .accept(
+                key.into(),
+                "nb1".into(),
+                body.into(),
+                None,
+                target(correlation),
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn outbox_bodies(store: &Store) -> Vec<String> {
+        let rows = store.outbox_batch(10).await.unwrap();
+        rows.into_iter().map(|row| row.body).collect()
+    }
+
     #[tokio::test]
     async fn a_duplicate_waits_for_the_same_reply_and_a_late_one_gets_it_again() {
         let (_dir, store) = open().await;
-        let first = store
-            .accept("k".into(), "nb1".into(), "{}".into(), None, target("c1"))
-            .await
-            .unwrap();
+        let first = offer(&store, "k", "{}", "c1").await;
         let Accepted::New { seq } = first else {
             panic!("first delivery must be new, got {first:?}")
         };
-        let second = store
-            .accept("k".into(), "nb1".into(), "{}".into(), None, target("c2"))
-            .await
-            .unwrap();
+        let second = offer(&store, "k", "{}", "c2").await;
         assert_eq!(second, Accepted::AlreadyQueued { seq });
 
         store
@@ -804,22 +927,37 @@ mod tests {
             })
             .await
             .unwrap();
-        let third = store
-            .accept("k".into(), "nb1".into(), "{}".into(), None, target("c3"))
-            .await
-            .unwrap();
+        let third = offer(&store, "k", "{}", "c3").await;
         assert_eq!(third, Accepted::AlreadyAnswered { seq });
 
-        let bodies: Vec<String> = store
-            .outbox_batch(10)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|row| row.body)
-            .collect();
+        let bodies = outbox_bodies(&store).await;
         let reply = |c: &str| serde_json::json!({ "correlation_id": c, "status": 201 }).to_string();
         assert_eq!(bodies, [reply("c1"), reply("c2"), reply("c3")]);
         assert!(store.unfinished().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_key_reused_for_another_request_is_refused_even_on_rows_without_a_digest() {
+        let (_dir, store) = open().await;
+        let Accepted::New { seq } = offer(&store, "k", "start", "c1").await else {
+            panic!("first offer is new")
+        };
+        // A row accepted before digests were stored.
+        store
+            .writer
+            .call(|conn| Ok(conn.execute("UPDATE requests SET digest = NULL", [])?))
+            .await
+            .unwrap();
+
+        let reused = offer(&store, "k", "stop", "c2").await;
+        let repeated = offer(&store, "k", "start", "c3").await;
+
+        assert_eq!(reused, Accepted::KeyReused { seq });
+        assert_eq!(repeated, Accepted::AlreadyQueued { seq });
+        let unfinished = store.unfinished().await.unwrap();
+        assert_eq!(unfinished.len(), 1, "the reused key added no request");
+        let bodies = outbox_bodies(&store).await;
+        assert_eq!(bodies, ["refused k"]);
     }
 
     fn stopped(name: &str) -> ContainerRow {
