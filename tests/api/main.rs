@@ -16,6 +16,7 @@ mod http;
 mod invalid_requests;
 mod lifecycle;
 mod logs;
+mod messages;
 mod ordering;
 mod progress;
 mod recovery;
