@@ -18,6 +18,7 @@ mod lifecycle;
 mod logs;
 mod messages;
 mod ordering;
+mod process;
 mod progress;
 mod recovery;
 mod secrets;
