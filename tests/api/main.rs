@@ -9,6 +9,7 @@ mod chaos;
 mod check;
 mod cli;
 mod compose;
+mod deployment;
 mod failures;
 mod faults;
 mod hostile;
