@@ -32,7 +32,7 @@ fi
 
 # --- binaries ---------------------------------------------------------------------------------
 log "building the worker and fake-apptainer"
-cargo build --quiet -p apptainer-orchestrator-worker -p apptainer-orchestrator-tests --bins
+cargo build --quiet --workspace --bins
 worker_bin="$root/target/debug/orchestrator-worker"
 fake_bin="$root/target/debug/fake-apptainer"
 

@@ -47,7 +47,7 @@ impl Binaries {
                 "--release "
             };
             bail!(
-                "missing {}; build them with: cargo build {release}-p apptainer-orchestrator-worker -p apptainer-orchestrator-tests --bins",
+                "missing {}; build them with: cargo build {release}--workspace --bins",
                 missing.join(" and ")
             );
         }

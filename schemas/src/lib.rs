@@ -16,8 +16,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 mod names;
+mod redact;
 
 pub use names::{ContainerName, InvalidContainerName};
+pub use redact::redact_url;
 
 /// The protocol version this crate speaks. Replies always carry it; a request without `v` is
 /// version 1.

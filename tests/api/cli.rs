@@ -9,12 +9,12 @@ use lapin::types::FieldTable;
 
 use crate::helpers::{assert_valid_reply, spawn_worker, TestWorker, AMQP_URL};
 
-fn cli_bin() -> &'static str {
+pub(crate) fn cli_bin() -> &'static str {
     env!("CARGO_BIN_EXE_orchestrator-cli-under-test")
 }
 
 /// Runs the command line with `args`, talking to `queue` on the test broker.
-async fn orchestrator(queue: &str, args: &[&str]) -> Output {
+pub(crate) async fn orchestrator(queue: &str, args: &[&str]) -> Output {
     tokio::process::Command::new(cli_bin())
         .args(args)
         .env("AMQP_URL", AMQP_URL)
@@ -30,16 +30,16 @@ async fn run(worker: &TestWorker, args: &[&str]) -> Output {
     orchestrator(&worker.queue, args).await
 }
 
-fn stdout(output: &Output) -> String {
+pub(crate) fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn stderr(output: &Output) -> String {
+pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// Fails with the command's output when it did not exit with `code`.
-fn assert_exit(output: &Output, code: i32, what: &str) {
+pub(crate) fn assert_exit(output: &Output, code: i32, what: &str) {
     assert_eq!(
         output.status.code(),
         Some(code),
@@ -49,7 +49,7 @@ fn assert_exit(output: &Output, code: i32, what: &str) {
     );
 }
 
-fn assert_stderr_contains(output: &Output, expected: &str) {
+pub(crate) fn assert_stderr_contains(output: &Output, expected: &str) {
     let text = stderr(output);
     assert!(
         text.contains(expected),

@@ -288,11 +288,11 @@ impl TestWorker {
     }
 
     /// Finished invocations that act on the host: everything but `instance list`, which the
-    /// reconciler also runs on its own.
+    /// reconciler also runs on its own, and `--version`, the worker's start-up check.
     pub fn fake_actions(&self) -> Vec<FakeCall> {
         self.fake_calls()
             .into_iter()
-            .filter(|c| c.subcommand() != "instance list")
+            .filter(|c| !matches!(c.subcommand().as_str(), "instance list" | "--version"))
             .collect()
     }
 

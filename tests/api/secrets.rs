@@ -5,7 +5,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::helpers::worker_bin;
+use crate::helpers::{fake_bin, worker_bin};
 
 const PASSWORD: &str = "Pw-7f3kQ9-distinctive-secret";
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -19,6 +19,8 @@ fn run_worker(args: &[&str], env: &[(&str, &str)]) -> (String, String) {
         .arg(data.path())
         .args(["--queue", &format!("test.secrets.{}", uuid::Uuid::new_v4())])
         .env_remove("AMQP_URL")
+        // A working apptainer, so the worker gets as far as the broker.
+        .env("APPTAINER_BIN", fake_bin())
         .envs(env.iter().copied())
         .env("RUST_LOG", "debug")
         .stdin(Stdio::null())

@@ -47,6 +47,9 @@ impl Worker {
     /// Checks and opens everything the worker needs; once this returns, the broker is reachable
     /// and the topology is declared.
     pub async fn build(mut settings: Settings) -> anyhow::Result<Self> {
+        crate::check::fit_to_start(&settings)
+            .await
+            .context("the worker cannot work on this host")?;
         let node = settings.node_id();
         let http_addr = settings
             .http_listen_addr()
@@ -235,7 +238,10 @@ impl Worker {
             &intake,
             &self.readiness,
             stop.clone(),
-            &tracker,
+            Drain {
+                tracker: &tracker,
+                deadline: &abort,
+            },
         );
         tokio::pin!(consuming);
         tokio::select! {
@@ -243,19 +249,21 @@ impl Worker {
             () = &mut consuming => {}
         }
         stop.cancel();
+        // One deadline for the whole drain: `abort` is cancelled when it passes, and every wait
+        // below ends by then. Only the final flush (FINAL_FLUSH) comes after it.
+        let deadline = tokio::time::Instant::now() + self.settings.drain_timeout();
         let drain_deadline = {
             let abort = abort.clone();
-            let limit = self.settings.drain_timeout();
             tokio::spawn(async move {
-                tokio::time::sleep(limit).await;
+                tokio::time::sleep_until(deadline).await;
                 abort.cancel();
             })
         };
         // The consumer stops taking deliveries but keeps its channel open until running reads
-        // are answered and acknowledged.
+        // are answered and acknowledged (or the deadline passes).
         consuming.await;
         tracker.close();
-        if tokio::time::timeout(self.settings.drain_timeout(), tracker.wait())
+        if tokio::time::timeout_at(deadline, tracker.wait())
             .await
             .is_err()
         {
@@ -266,8 +274,13 @@ impl Worker {
         abort.cancel();
         drain_deadline.abort();
         pruner.abort();
-        if let Some(reconciling) = reconciling {
-            let _ = reconciling.await;
+        if let Some(mut reconciling) = reconciling {
+            if tokio::time::timeout_at(deadline, &mut reconciling)
+                .await
+                .is_err()
+            {
+                reconciling.abort();
+            }
         }
         outbox_stop.cancel();
         let _ = outbox_task.await;
@@ -326,6 +339,13 @@ impl Worker {
     }
 }
 
+/// What the consumer waits for once it stops taking deliveries: the work in flight (`tracker`),
+/// until the drain deadline (`deadline`, cancelled when it passes).
+struct Drain<'a> {
+    tracker: &'a TaskTracker,
+    deadline: &'a CancellationToken,
+}
+
 /// Consumes deliveries until `stop` is cancelled, re-subscribing (with backoff) whenever the
 /// connection or the consumer is lost.
 async fn consume_until_cancelled(
@@ -333,7 +353,7 @@ async fn consume_until_cancelled(
     intake: &Intake,
     readiness: &Readiness,
     stop: CancellationToken,
-    tracker: &TaskTracker,
+    drain: Drain<'_>,
 ) {
     let mut delays = backon::BackoffBuilder::build(reconnect_backoff());
     let mut subscribed_before = false;
@@ -392,13 +412,14 @@ async fn consume_until_cancelled(
             let _ = channel
                 .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                 .await;
-            // Wait for reads in flight to be answered and acknowledged on this channel.
-            let _ = tokio::time::timeout(Duration::from_secs(30), async {
-                while !tracker.is_empty() {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })
-            .await;
+            // Wait for the work in flight (lanes, and the acknowledgements, refusals and dead
+            // letters that settle deliveries on this channel), but not past the drain deadline.
+            // No delivery is taken any more, so the tracker can close.
+            drain.tracker.close();
+            tokio::select! {
+                () = drain.tracker.wait() => {}
+                () = drain.deadline.cancelled() => {}
+            }
         }
         let _ = connection
             .close(200, "worker stopping or re-subscribing".into())

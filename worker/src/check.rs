@@ -73,6 +73,30 @@ impl fmt::Display for Report {
     }
 }
 
+/// A check that a worker must pass before it takes any request, and failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {}; fix: {}", failure.reason, failure.fix)]
+pub struct Unfit {
+    pub name: &'static str,
+    pub failure: Failure,
+}
+
+/// The checks of `--check` without which a worker would take requests it can never answer:
+/// the data directory and its state database must accept writes, and apptainer must answer.
+/// [`crate::Worker::build`] runs them, so a worker that cannot work exits at once with the
+/// check's fix instead of consuming requests (the broker is checked by connecting to it).
+pub async fn fit_to_start(settings: &Settings) -> Result<(), Unfit> {
+    check_data_dir(settings).await.map_err(|failure| Unfit {
+        name: "data directory",
+        failure,
+    })?;
+    check_apptainer(settings).await.map_err(|failure| Unfit {
+        name: "apptainer",
+        failure,
+    })?;
+    Ok(())
+}
+
 /// Runs every check (a failed one does not stop the others).
 pub async fn run(settings: &Settings) -> Report {
     let node = settings.node_id();

@@ -14,22 +14,22 @@ use clap::Parser;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "orchestrator-worker", version, about, long_about = None)]
 pub struct Settings {
-    /// AMQP URL of the broker (amqp:// or amqps://). The password is never logged.
+    /// AMQP URL of the broker (amqp:// or amqps://). The password is never logged, and a value
+    /// from the environment is not shown here; the default is RabbitMQ's local guest account.
     #[arg(
         long,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true,
-        hide_default_value = true
+        hide_env_values = true
     )]
     pub amqp_url: String,
 
     /// Durable queue to consume requests from.
-    #[arg(long, env = "ORCHESTRATOR_QUEUE", default_value = schemas::DEFAULT_REQUEST_QUEUE)]
+    #[arg(long, env = "ORCHESTRATOR_QUEUE", default_value = schemas::DEFAULT_REQUEST_QUEUE, value_parser = request_queue_name)]
     pub queue: String,
 
     /// Durable queue for replies to requests that carry no `reply_to`.
-    #[arg(long, env = "ORCHESTRATOR_REPLY_QUEUE", default_value = schemas::DEFAULT_REPLY_QUEUE)]
+    #[arg(long, env = "ORCHESTRATOR_REPLY_QUEUE", default_value = schemas::DEFAULT_REPLY_QUEUE, value_parser = reply_queue_name)]
     pub reply_queue: String,
 
     /// Directory for the state database, images and definition files.
@@ -157,6 +157,34 @@ pub struct Settings {
     pub check: bool,
 }
 
+/// An empty queue name would only surface later as "the queue  does not exist".
+fn queue_name(name: &str, flag: &str, env: &str, default: &str) -> Result<String, String> {
+    if name.trim().is_empty() {
+        return Err(format!(
+            "the queue's name is empty; give {flag} a name, or unset {env} (the default is {default})"
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn request_queue_name(name: &str) -> Result<String, String> {
+    queue_name(
+        name,
+        "--queue",
+        "ORCHESTRATOR_QUEUE",
+        schemas::DEFAULT_REQUEST_QUEUE,
+    )
+}
+
+fn reply_queue_name(name: &str) -> Result<String, String> {
+    queue_name(
+        name,
+        "--reply-queue",
+        "ORCHESTRATOR_REPLY_QUEUE",
+        schemas::DEFAULT_REPLY_QUEUE,
+    )
+}
+
 /// See [`Settings::log_format`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -240,32 +268,11 @@ impl Settings {
     }
 }
 
-/// `amqp://user:secret@host/` becomes `amqp://user:***@host/`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((credentials, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
-}
+pub use schemas::redact_url;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_redacted_from_urls() {
-        assert_eq!(
-            redact_url("amqps://app:s3cr:et@mq.example:5671/prod"),
-            "amqps://app:***@mq.example:5671/prod"
-        );
-        assert_eq!(redact_url("amqp://127.0.0.1/%2f"), "amqp://127.0.0.1/%2f");
-    }
 
     #[test]
     fn defaults_follow_the_design() {

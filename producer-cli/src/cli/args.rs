@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use schemas::{
     ContainerName, ContainerRequest, Op, PageRequest, Request, StartRequest, VolumeRequest,
-    DEFAULT_REQUEST_QUEUE,
+    DEFAULT_REPLY_QUEUE, DEFAULT_REQUEST_QUEUE,
 };
 
 /// The broker URL when neither `--amqp-url` nor `AMQP_URL` is given (the worker's default).
@@ -39,15 +39,20 @@ pub struct Cli {
 }
 
 /// Flags every subcommand takes.
+///
+/// `--amqp-url` and `--queue` fall back to the environment by hand ([`Common::resolve`]), not
+/// through clap's `env`: clap lists an argument taken from the environment in its usage lines
+/// as if the command line had to give it.
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Common options")]
 pub struct Common {
-    /// The broker's URL.
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, global = true, hide_env_values = true)]
-    pub amqp_url: String,
-    /// The queue the worker consumes requests from.
-    #[arg(long, env = "ORCHESTRATOR_QUEUE", default_value = DEFAULT_REQUEST_QUEUE, global = true)]
-    pub queue: String,
+    /// The broker's URL [env: AMQP_URL] [default: amqp://guest:guest@127.0.0.1:5672/%2f].
+    #[arg(long, global = true, value_name = "URL")]
+    pub amqp_url: Option<String>,
+    /// The queue the worker consumes requests from [env: ORCHESTRATOR_QUEUE] [default:
+    /// apptainer.requests].
+    #[arg(long, global = true, value_name = "QUEUE")]
+    pub queue: Option<String>,
     /// How long to wait for the reply: 90, 90s, 5m, 1h, 500ms [default: 1h for start and
     /// restart, 60s for the others].
     #[arg(long, global = true, value_parser = parse_duration)]
@@ -56,7 +61,8 @@ pub struct Common {
     #[arg(long, global = true)]
     pub json: bool,
     /// Publish the request, print its correlation id and exit without waiting; the reply goes
-    /// to --reply-to, or to the worker's default reply queue.
+    /// to --reply-to, or to the worker's default reply queue (read it with `orchestrator
+    /// replies`).
     #[arg(long, global = true)]
     pub no_wait: bool,
     /// Have the reply sent to this existing queue (e.g. a durable one) instead of a private one.
@@ -98,8 +104,21 @@ pub enum Command {
         /// A file holding one JSON request, or `-`.
         file: PathBuf,
     },
+    /// Print the replies waiting in the worker's default reply queue, one JSON envelope a line
+    /// (where `--no-wait` without `--reply-to` sends them); each is removed once printed.
+    Replies(RepliesArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Args)]
+pub struct RepliesArgs {
+    /// The queue to read: the worker's --reply-queue.
+    #[arg(long, value_name = "QUEUE", default_value = DEFAULT_REPLY_QUEUE)]
+    pub reply_queue: String,
+    /// Print at most this many replies.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub count: u32,
 }
 
 #[derive(Debug, Args)]
@@ -114,16 +133,22 @@ pub struct StartArgs {
     /// The container's name: 1 to 64 of A-Z a-z 0-9 _ . -, starting with a letter or digit.
     #[arg(value_parser = parse_name)]
     pub name: ContainerName,
-    /// container_image: the image's name, as recorded and reported back.
+    /// container_image: a label for the image, recorded and reported back; it does not choose
+    /// what is pulled (--os does, when given).
     #[arg(long)]
     pub image: String,
-    /// image_distributor: the bootstrap agent (docker, library, oras, shub).
+    /// image_distributor: where the image is pulled from: docker (Docker Hub or a registry),
+    /// library (a Sylabs library), oras (an OCI registry), shub (Singularity Hub).
     #[arg(long, default_value = "docker")]
     pub distributor: String,
-    /// image_os: `From:` before the colon [default: the --image value].
+    /// image_os: the image that is pulled, as DISTRIBUTOR://OS:VERSION [default: the --image
+    /// value]. For example `--image jupyter/base-notebook` pulls
+    /// docker://jupyter/base-notebook:latest; `--distributor library --os alpine --version 3.19`
+    /// pulls library://alpine:3.19; `--distributor oras --os ghcr.io/org/img --version 1.0`
+    /// pulls oras://ghcr.io/org/img:1.0. --image is then only recorded.
     #[arg(long)]
     pub os: Option<String>,
-    /// image_version: `From:` after the colon.
+    /// image_version: the tag of the image that is pulled.
     #[arg(long, default_value = "latest")]
     pub version: String,
     /// container_command: a line of the start script; repeat for more lines.
@@ -189,7 +214,9 @@ impl Command {
             Command::Deletecontdata(args) => Request::Deletecontdata(named(args)),
             Command::Createvolume(args) => Request::Createvolume(volume(args)),
             Command::Deletevolume(args) => Request::Deletevolume(volume(args)),
-            Command::Send { .. } | Command::Completions { .. } => return None,
+            Command::Send { .. } | Command::Replies(_) | Command::Completions { .. } => {
+                return None
+            }
         })
     }
 }
@@ -208,6 +235,43 @@ impl StartArgs {
             environment: self.env.iter().cloned().collect::<BTreeMap<_, _>>(),
             binds: self.bind.iter().cloned().collect::<BTreeMap<_, _>>(),
         }
+    }
+}
+
+impl Common {
+    /// Fills `--amqp-url` and `--queue` from `AMQP_URL` and `ORCHESTRATOR_QUEUE` when the
+    /// command line did not give them, then from the defaults; refuses an empty queue name
+    /// (the broker would only say that a queue named "" does not exist).
+    pub fn resolve(mut self) -> Result<Self, String> {
+        let from_env = |name: &str| std::env::var(name).ok();
+        let amqp_url = self
+            .amqp_url
+            .take()
+            .or_else(|| from_env("AMQP_URL"))
+            .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
+        let queue = self
+            .queue
+            .take()
+            .or_else(|| from_env("ORCHESTRATOR_QUEUE"))
+            .unwrap_or_else(|| DEFAULT_REQUEST_QUEUE.to_owned());
+        if queue.trim().is_empty() {
+            return Err(format!(
+                "the request queue's name is empty: give --queue, or set ORCHESTRATOR_QUEUE to the worker's queue (unset, it is {DEFAULT_REQUEST_QUEUE})"
+            ));
+        }
+        self.amqp_url = Some(amqp_url);
+        self.queue = Some(queue);
+        Ok(self)
+    }
+
+    /// The broker's URL, after [`Common::resolve`].
+    pub fn amqp_url(&self) -> &str {
+        self.amqp_url.as_deref().unwrap_or(DEFAULT_AMQP_URL)
+    }
+
+    /// The request queue, after [`Common::resolve`].
+    pub fn queue(&self) -> &str {
+        self.queue.as_deref().unwrap_or(DEFAULT_REQUEST_QUEUE)
     }
 }
 

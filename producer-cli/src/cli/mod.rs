@@ -5,6 +5,7 @@
 mod args;
 mod output;
 mod progress;
+mod replies;
 
 use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
@@ -40,14 +41,14 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn invalid(message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
         Self {
             exit: Exit::Invalid,
             message: message.into(),
         }
     }
 
-    fn unavailable(message: impl Into<String>) -> Self {
+    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
         Self {
             exit: Exit::Unavailable,
             message: message.into(),
@@ -82,12 +83,14 @@ pub fn main() -> ExitCode {
 /// Runs one parsed command to its end.
 pub async fn run(cli: Cli) -> Result<Exit, Failure> {
     let Cli { common, command } = cli;
+    let common = common.resolve().map_err(Failure::invalid)?;
     let (body, op) = match &command {
         Command::Completions { shell } => {
             let mut grammar = Cli::command();
             clap_complete::generate(*shell, &mut grammar, "orchestrator", &mut std::io::stdout());
             return Ok(Exit::Success);
         }
+        Command::Replies(args) => return replies::print(&common, args).await,
         Command::Send { file } => raw_request(file)?,
         command => {
             let request = command
@@ -122,7 +125,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         Ok(0) => {
             return Err(Failure::unavailable(format!(
                 "no worker consumes {}: the worker is probably not running; nothing was sent (with --no-wait the request is queued until a worker starts)",
-                common.queue
+                common.queue()
             )))
         }
         Err(e) => return Err(unavailable(&common, e)),
@@ -205,8 +208,8 @@ fn raw_request(file: &std::path::Path) -> Result<(Vec<u8>, Option<Op>), Failure>
 
 async fn connect(common: &Common, timeout: Duration) -> Result<Client, Failure> {
     let connecting = Client::connect_with(
-        &common.amqp_url,
-        &common.queue,
+        common.amqp_url(),
+        common.queue(),
         common.reply_to.as_deref().filter(|_| !common.no_wait),
     );
     match tokio::time::timeout(timeout.min(CONNECT_TIMEOUT), connecting).await {
@@ -214,17 +217,17 @@ async fn connect(common: &Common, timeout: Duration) -> Result<Client, Failure> 
         Ok(Err(e)) => Err(unavailable(common, e)),
         Err(_) => Err(Failure::unavailable(format!(
             "the broker at {} did not answer in time; is RabbitMQ running, and is --amqp-url right?",
-            redact(&common.amqp_url)
+            schemas::redact_url(common.amqp_url())
         ))),
     }
 }
 
 /// Every client failure is exit code 3; the message names the likely cause.
-fn unavailable(common: &Common, error: ClientError) -> Failure {
+pub(crate) fn unavailable(common: &Common, error: ClientError) -> Failure {
     let message = match error {
         ClientError::Broker(e) => format!(
             "could not reach the broker at {} ({e}); is RabbitMQ running, and are --amqp-url and its credentials right?",
-            redact(&common.amqp_url)
+            schemas::redact_url(common.amqp_url())
         ),
         other => other.to_string(),
     };
@@ -237,35 +240,9 @@ async fn no_reply(common: &Common, client: &Client, timeout: Duration) -> Failur
     let cause = match client.request_queue_consumers().await {
         Ok(0) => format!(
             "no worker consumes {}: the worker is probably not running (the request waits in the queue until one starts)",
-            common.queue
+            common.queue()
         ),
         _ => "the worker is busy or slow; the request may still run: check with `orchestrator getcont`, or raise --timeout".to_owned(),
     };
     Failure::unavailable(format!("no reply within {seconds}s: {cause}"))
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((credentials, host)) => {
-            let user = credentials.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn passwords_never_reach_messages() {
-        assert_eq!(
-            super::redact("amqp://guest:secret@broker:5672/%2f"),
-            "amqp://guest:***@broker:5672/%2f"
-        );
-        assert_eq!(super::redact("amqp://broker"), "amqp://broker");
-    }
 }

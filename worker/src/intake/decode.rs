@@ -187,8 +187,18 @@ fn explain_field_error(body: &serde_json::Value) -> Option<String> {
         "createvolume" | "deletevolume" | "removevolume" => {
             first_error::<schemas::VolumeRequest>(fields)
         }
-        _ => None,
+        unknown => Some(unknown_operation(unknown)),
     }
+}
+
+/// Serde would say "unknown variant"; a client needs the word it sent and the ones it can send.
+fn unknown_operation(op: &str) -> String {
+    let known: Vec<&str> = Op::ALL.iter().map(|op| op.as_str()).collect();
+    format!(
+        "unknown operation `{}`; the operations are {} (and removevolume, another name for deletevolume)",
+        validate::shorten(op),
+        known.join(", ")
+    )
 }
 
 #[cfg(test)]
@@ -254,6 +264,20 @@ mod tests {
     fn invalid_utf8_is_refused() {
         let refused = refused(b"{\"op\":\"stop\",\"container_name\":\"nb\xff1\"}");
         assert_eq!(refused.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn an_unknown_operation_is_named_and_the_operations_are_listed() {
+        let refused = refused(br#"{"op":"getcnt","container_name":"nb1"}"#);
+        assert_eq!(refused.code, ErrorCode::BadRequest);
+        assert!(
+            refused
+                .message
+                .contains("unknown operation `getcnt`; the operations are start, stop, restart,"),
+            "{}",
+            refused.message
+        );
+        assert!(!refused.message.contains("variant"), "{}", refused.message);
     }
 
     #[test]
