@@ -68,7 +68,8 @@ type Waiters = Arc<Mutex<HashMap<String, Waiter>>>;
 pub struct Publish {
     /// Defaults to a fresh UUID.
     pub correlation_id: Option<String>,
-    /// The idempotency key; the worker falls back to the correlation id.
+    /// The idempotency key: one key, one request (a key reused for another request is refused
+    /// 409). Without one, the worker deduplicates by the correlation id and the body together.
     pub message_id: Option<String>,
     /// Defaults to this client's reply queue; `Some("")` sends no `reply_to` (replies then go
     /// to the worker's default reply queue).

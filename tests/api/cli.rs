@@ -187,7 +187,7 @@ async fn a_person_takes_a_container_through_its_whole_life_with_the_command_line
         stderr(&bound)
     );
 
-    let steps: [(&[&str], &str); 7] = [
+    let steps: [(&[&str], &str); 8] = [
         (&["stop", "nb1"], "nb1: stopped"),
         (
             &["unbind", "nb1", "--host", &extra, "--container", "/mnt"],
@@ -199,6 +199,10 @@ async fn a_person_takes_a_container_through_its_whole_life_with_the_command_line
         (
             &["getallcont"],
             "data left by deleted container nb1 (image jupyter/base-notebook)",
+        ),
+        (
+            &["getallcont"],
+            "0 containers in all, and data of 1 deleted container after them",
         ),
         (&["delete-data", "nb1"], "nb1: data deleted"),
     ];

@@ -113,10 +113,19 @@ fn table(page: &ContainerPage) -> String {
     } else {
         "containers"
     };
-    let _ = writeln!(
+    let _ = write!(
         text,
         "page {} ({} per page), {} {noun} in all",
         page.page, page.page_size, page.total
     );
+    if page.data_total > 0 {
+        let _ = write!(
+            text,
+            ", and data of {} deleted container{} after them",
+            page.data_total,
+            if page.data_total == 1 { "" } else { "s" }
+        );
+    }
+    let _ = writeln!(text);
     text
 }
