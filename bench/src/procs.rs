@@ -255,7 +255,7 @@ impl WorkerProcess {
             .stderr(Stdio::null())
             .status();
         // The worker declares its dead-letter queue next to the request queue.
-        let dead_letter = format!("{}.dead", self.queue);
+        let dead_letter = schemas::dead_letter_queue(&self.queue);
         delete_queues(
             &self.amqp_url,
             &[&self.queue, &self.reply_queue, &dead_letter],

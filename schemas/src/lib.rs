@@ -31,6 +31,12 @@ pub const DEFAULT_REQUEST_QUEUE: &str = "apptainer.requests";
 /// The durable queue replies go to when a request has no `reply_to`.
 pub const DEFAULT_REPLY_QUEUE: &str = "apptainer.replies";
 
+/// The durable queue a worker moves deliveries to that keep coming back unprocessed (the
+/// worker dies on them): named after its request queue.
+pub fn dead_letter_queue(request_queue: &str) -> String {
+    format!("{request_queue}.dead")
+}
+
 /// Where `volume_name` is bound inside the container when a `start` names one.
 pub const DEFAULT_HOME_MOUNT: &str = "/home/nextpyter";
 

@@ -27,7 +27,11 @@ async fn run_check(amqp_url: &str, apptainer: &str) -> (Output, tempfile::TempDi
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    for name in [queue.clone(), reply_queue, format!("{queue}.dead")] {
+    for name in [
+        queue.clone(),
+        reply_queue,
+        schemas::dead_letter_queue(&queue),
+    ] {
         let _ = channel
             .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
             .await;

@@ -221,7 +221,7 @@ async fn a_dead_letter_goes_to_a_redeclared_dead_letter_queue_when_it_was_delete
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let dead = format!("{}.dead", worker.queue);
+    let dead = schemas::dead_letter_queue(&worker.queue);
     holder
         .queue_delete(dead.as_str().into(), QueueDeleteOptions::default())
         .await

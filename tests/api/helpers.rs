@@ -342,7 +342,7 @@ impl Drop for TestWorker {
         let queues = [
             self.queue.clone(),
             self.reply_queue.clone(),
-            format!("{}.dead", self.queue),
+            schemas::dead_letter_queue(&self.queue),
         ];
         // Runs on a thread of its own: Drop may run inside the test's runtime.
         let _ = std::thread::spawn(move || {

@@ -54,7 +54,12 @@ async fn run_worker_expecting_exit(prefix: &[&str], data_dir: &Path, args: &[&st
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let output = child.wait_with_output().unwrap();
-    delete_queues(&[queue.clone(), reply_queue, format!("{queue}.dead")]).await;
+    delete_queues(&[
+        queue.clone(),
+        reply_queue,
+        schemas::dead_letter_queue(&queue),
+    ])
+    .await;
     assert!(
         exited,
         "the worker was still running {EXIT_LIMIT:?} after its start; stderr:\n{}",

@@ -244,7 +244,7 @@ impl Settings {
 
     /// The queue deliveries that keep coming back unprocessed are moved to.
     pub fn dead_letter_queue(&self) -> String {
-        format!("{}.dead", self.queue)
+        schemas::dead_letter_queue(&self.queue)
     }
 
     pub fn drain_timeout(&self) -> Duration {
