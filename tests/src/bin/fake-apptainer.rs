@@ -42,24 +42,50 @@
 //! * `FAKE_APPTAINER_CONTROL=/path`: `KEY=VALUE` lines (`FAIL=build`, ...) that
 //!   override the variables above while the file exists.
 
-#[path = "fake_apptainer/build.rs"]
-mod build;
-#[path = "fake_apptainer/bundle.rs"]
-mod bundle;
-#[path = "fake_apptainer/cli.rs"]
-mod cli;
-#[path = "fake_apptainer/controls.rs"]
-mod controls;
-#[path = "fake_apptainer/exec.rs"]
-mod exec;
-#[path = "fake_apptainer/glob.rs"]
-mod glob;
-#[path = "fake_apptainer/image.rs"]
-mod image;
-#[path = "fake_apptainer/instance.rs"]
-mod instance;
+// The map, in the order an invocation meets the modules:
+//
+// * `invocation`: the `FAKE_APPTAINER_LOG` lines at the start and end of every run;
+// * `cli/`: what every command shares: outcomes (`Done`, `Fail`), option tables (`flags`),
+//   the pflag-like parser (`parse`), cobra-style help and errors (`usage`);
+// * `cmd/`: one file per subcommand (`build`, `exec`, `inspect`, `instance` with
+//   `instance_start|stop|list|stats`, `version`, `buildcfg`) and the root dispatch;
+// * what the subcommands build on: `action` (options and binds of `exec` and
+//   `instance start`), `definition` (definition files) and `assemble` (producing an
+//   image) with `bundle` (the build's temporary bundle and helper), `image` (image
+//   metadata, opening images), `instance_state` (state files), `network` (addresses),
+//   `monitor` (the hidden monitor and appinit processes of an instance);
+// * foundations: `controls` (test controls), `glob`, `json`, `sylog` (log messages),
+//   `sys` (identity, paths, processes, signals).
+
 #[path = "fake_apptainer/invocation.rs"]
 mod invocation;
+
+#[path = "fake_apptainer/cli/mod.rs"]
+mod cli;
+#[path = "fake_apptainer/cmd/mod.rs"]
+mod cmd;
+
+#[path = "fake_apptainer/action.rs"]
+mod action;
+#[path = "fake_apptainer/assemble.rs"]
+mod assemble;
+#[path = "fake_apptainer/bundle.rs"]
+mod bundle;
+#[path = "fake_apptainer/definition.rs"]
+mod definition;
+#[path = "fake_apptainer/image.rs"]
+mod image;
+#[path = "fake_apptainer/instance_state.rs"]
+mod instance_state;
+#[path = "fake_apptainer/monitor.rs"]
+mod monitor;
+#[path = "fake_apptainer/network.rs"]
+mod network;
+
+#[path = "fake_apptainer/controls.rs"]
+mod controls;
+#[path = "fake_apptainer/glob.rs"]
+mod glob;
 #[path = "fake_apptainer/json.rs"]
 mod json;
 #[path = "fake_apptainer/sylog.rs"]
@@ -69,7 +95,7 @@ mod sys;
 
 fn main() {
     // The monitor and appinit of a running instance are this binary too.
-    if let Some(code) = instance::hidden_mode().or_else(bundle::helper_mode) {
+    if let Some(code) = monitor::hidden_mode().or_else(bundle::helper_mode) {
         std::process::exit(code);
     }
     let argv: Vec<String> = std::env::args_os()
@@ -77,7 +103,7 @@ fn main() {
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     let invocation = invocation::Invocation::begin(&argv);
-    match cli::finish(cli::run(&argv)) {
+    match cli::finish(cmd::run(&argv)) {
         cli::Done::Code(code) => {
             invocation.end(code, None);
             std::process::exit(code);
