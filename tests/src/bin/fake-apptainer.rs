@@ -55,7 +55,11 @@
 //   metadata, opening images), `instance_state` (state files), `network` (addresses),
 //   `monitor` (the hidden monitor and appinit processes of an instance);
 // * foundations: `controls` (test controls), `glob`, `json`, `sylog` (log messages),
-//   `sys` (identity, paths, processes, signals).
+//   `ident` (user, host and state directories), `sys` (paths, processes, signals).
+//
+// A module imports (`crate::x`) only from its own layer or one below, with no cycle; the test
+// in `layout_test.rs` holds the layers and checks that (`cargo test -p
+// apptainer-orchestrator-tests --bin fake-apptainer`).
 
 #[path = "fake_apptainer/invocation.rs"]
 mod invocation;
@@ -86,12 +90,18 @@ mod network;
 mod controls;
 #[path = "fake_apptainer/glob.rs"]
 mod glob;
+#[path = "fake_apptainer/ident.rs"]
+mod ident;
 #[path = "fake_apptainer/json.rs"]
 mod json;
 #[path = "fake_apptainer/sylog.rs"]
 mod sylog;
 #[path = "fake_apptainer/sys.rs"]
 mod sys;
+
+#[cfg(test)]
+#[path = "fake_apptainer/layout_test.rs"]
+mod layout_test;
 
 fn main() {
     // The monitor and appinit of a running instance are this binary too.

@@ -10,9 +10,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use crate::cli::Fail;
+use crate::ident::Ident;
 use crate::json::J;
 use crate::sylog;
-use crate::sys::{self, Ident};
+use crate::sys;
 
 /// First line of a non-sandbox image written by the fake.
 pub const SIF_MAGIC: &str = "FAKE-APPTAINER-SIF 1\n";

@@ -26,8 +26,9 @@ use std::thread;
 use std::time::Duration;
 
 use crate::cli::Fail;
+use crate::ident::Ident;
 use crate::instance_state::{prune, read_state, Instance};
-use crate::sys::{self, Ident};
+use crate::sys;
 
 /// Environment variable carrying the monitor's instructions (JSON).
 const MONITOR_ENV: &str = "FAKE_APPTAINER_INTERNAL_MONITOR";

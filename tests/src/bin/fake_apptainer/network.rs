@@ -10,9 +10,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::cli::{Fail, Parsed};
+use crate::ident::Ident;
 use crate::instance_state::find;
 use crate::sylog;
-use crate::sys::{self, Ident};
+use crate::sys;
 
 /// The starter apptainer names when it fails (a distribution package's path, reference 2.5).
 const STARTER: &str = "/usr/libexec/apptainer/bin/starter";

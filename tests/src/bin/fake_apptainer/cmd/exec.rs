@@ -17,9 +17,10 @@ use std::process::Command;
 use crate::action::{self, Bind, ACTION_FLAGS};
 use crate::cli::{self, b, bs, v, Cmd, Done, Fail, Flag, Kind, Parsed, Res};
 use crate::controls::Controls;
+use crate::ident::Ident;
 use crate::image;
 use crate::instance_state;
-use crate::sys::{self, Ident};
+use crate::sys;
 
 static EXEC_FLAGS: &[Flag] = &[
     bs("pid", 'p', "run container in a new PID namespace"),

@@ -3,9 +3,10 @@
 
 use crate::cli::{self, bs, vs, Cmd, Fail, Flag, Kind, Res};
 use crate::controls::Controls;
+use crate::ident::Ident;
 use crate::instance_state::{find, Instance};
 use crate::json::J;
-use crate::sys::{self, Ident};
+use crate::sys;
 
 static INSTANCE_LIST_FLAGS: &[Flag] = &[
     vs(

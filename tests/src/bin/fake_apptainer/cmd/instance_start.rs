@@ -8,13 +8,14 @@ use std::path::Path;
 use crate::action::{bind_values, check_binds, parse_binds, parse_env, Bind, ACTION_FLAGS};
 use crate::cli::{self, v, Cmd, Fail, Flag, Kind, Parsed, Res};
 use crate::controls::Controls;
+use crate::ident::Ident;
 use crate::image::{self, ImageMeta};
 use crate::instance_state::{find, state_file, valid_name};
 use crate::json::J;
 use crate::monitor::spawn_monitor;
 use crate::network::{allocate_ip, check_network_allowed, network_choice, IpLock};
 use crate::sylog;
-use crate::sys::{self, Ident};
+use crate::sys;
 
 static INSTANCE_START_FLAGS: &[Flag] = &[
     v(

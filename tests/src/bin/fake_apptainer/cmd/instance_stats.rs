@@ -2,8 +2,8 @@
 //! error apptainer gives when stats are unavailable.
 
 use crate::cli::{self, b, bs, vs, Cmd, Fail, Flag, Kind, Res};
+use crate::ident::Ident;
 use crate::instance_state::find;
-use crate::sys::Ident;
 
 static INSTANCE_STATS_FLAGS: &[Flag] = &[
     vs(

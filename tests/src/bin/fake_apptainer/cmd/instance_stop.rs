@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{self, bs, vs, Cmd, Fail, Flag, Kind, Res};
 use crate::controls::Controls;
+use crate::ident::Ident;
 use crate::instance_state::{find, prune, state_file, Instance};
 use crate::sylog;
-use crate::sys::{self, Ident};
+use crate::sys;
 
 static INSTANCE_STOP_FLAGS: &[Flag] = &[
     vs(
