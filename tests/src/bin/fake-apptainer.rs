@@ -42,30 +42,27 @@
 //! * `FAKE_APPTAINER_CONTROL=/path`: `KEY=VALUE` lines (`FAIL=build`, ...) that
 //!   override the variables above while the file exists.
 
-// The map, in the order an invocation meets the modules:
+// The map, in layers, top first. `main` logs the invocation (`invocation`), hands the
+// arguments to `cmd::run` and prints how it ended (`cli::finish`).
 //
-// * `invocation`: the `FAKE_APPTAINER_LOG` lines at the start and end of every run;
-// * `cli/`: what every command shares: outcomes (`Done`, `Fail`), option tables (`flags`),
-//   the pflag-like parser (`parse`), cobra-style help and errors (`usage`);
 // * `cmd/`: one file per subcommand (`build`, `exec`, `inspect`, `instance` with
 //   `instance_start|stop|list|stats`, `version`, `buildcfg`) and the root dispatch;
 // * what the subcommands build on: `action` (options and binds of `exec` and
 //   `instance start`), `definition` (definition files) and `assemble` (producing an
 //   image) with `bundle` (the build's temporary bundle and helper), `image` (image
 //   metadata, opening images), `instance_state` (state files), `network` (addresses),
-//   `monitor` (the hidden monitor and appinit processes of an instance);
-// * foundations: `controls` (test controls), `glob`, `json`, `sylog` (log messages),
-//   `ident` (user, host and state directories), `sys` (paths, processes, signals).
+//   `monitor` (the hidden monitor and appinit processes of an instance), `controls`
+//   (the test controls);
+// * `cli/`: what every command shares: outcomes (`Done`, `Fail`), option tables (`flags`),
+//   the pflag-like parser (`parse`), cobra-style help and errors (`usage`);
+// * foundations: `invocation` (the `FAKE_APPTAINER_LOG` lines), `glob`, `json`, `sylog`
+//   (log messages), `ident` (user, host and state directories), `sys` (paths, processes,
+//   signals).
 //
 // A module imports (`crate::x`) only from its own layer or one below, with no cycle; the test
 // in `layout_test.rs` holds the layers and checks that (`cargo test -p
 // apptainer-orchestrator-tests --bin fake-apptainer`).
 
-#[path = "fake_apptainer/invocation.rs"]
-mod invocation;
-
-#[path = "fake_apptainer/cli/mod.rs"]
-mod cli;
 #[path = "fake_apptainer/cmd/mod.rs"]
 mod cmd;
 
@@ -75,6 +72,8 @@ mod action;
 mod assemble;
 #[path = "fake_apptainer/bundle.rs"]
 mod bundle;
+#[path = "fake_apptainer/controls.rs"]
+mod controls;
 #[path = "fake_apptainer/definition.rs"]
 mod definition;
 #[path = "fake_apptainer/image.rs"]
@@ -86,12 +85,15 @@ mod monitor;
 #[path = "fake_apptainer/network.rs"]
 mod network;
 
-#[path = "fake_apptainer/controls.rs"]
-mod controls;
+#[path = "fake_apptainer/cli/mod.rs"]
+mod cli;
+
 #[path = "fake_apptainer/glob.rs"]
 mod glob;
 #[path = "fake_apptainer/ident.rs"]
 mod ident;
+#[path = "fake_apptainer/invocation.rs"]
+mod invocation;
 #[path = "fake_apptainer/json.rs"]
 mod json;
 #[path = "fake_apptainer/sylog.rs"]

@@ -1,8 +1,8 @@
 //! Images made by the fake: a sandbox directory with `.singularity.d/` metadata
 //! (reference 1.5), or a "SIF" file holding the same metadata as JSON after a
 //! magic line. Also opening images for `exec`/`instance start` (missing image:
-//! the 2.5 FATAL text; `docker://` and the like become a fake cached SIF) and
-//! `inspect` (reference 5.2).
+//! the 2.5 FATAL text; `docker://` and the like become a fake cached SIF). The
+//! `inspect` command that shows the metadata is `cmd/inspect.rs`.
 
 use std::collections::BTreeMap;
 use std::fs;
