@@ -25,6 +25,15 @@ use crate::image::{ImageMeta, SIF_MAGIC, URI_TRANSPORTS};
 use crate::sylog;
 use crate::sys;
 
+pub static BUILD: Cmd = Cmd {
+    name: "build",
+    usage: "apptainer [global options...] build [local options...] <IMAGE PATH> <BUILD SPEC>",
+    short: "Build an Apptainer image",
+    flags: &[BUILD_FLAGS],
+    interspersed: true,
+    subs: &[],
+};
+
 static BUILD_FLAGS: &[Flag] = &[
     bs(
         "sandbox",
@@ -122,15 +131,6 @@ static BUILD_FLAGS: &[Flag] = &[
     ),
     b("reproducible", "build a reproducible image"),
 ];
-
-pub static BUILD: Cmd = Cmd {
-    name: "build",
-    usage: "apptainer [global options...] build [local options...] <IMAGE PATH> <BUILD SPEC>",
-    short: "Build an Apptainer image",
-    flags: &[BUILD_FLAGS],
-    interspersed: true,
-    subs: &[],
-};
 
 pub fn run(args: &[String]) -> Res {
     let p = match cli::parse_with(&BUILD, args, cli::Arity::Exactly(2)) {

@@ -22,6 +22,15 @@ use crate::image;
 use crate::instance_state;
 use crate::sys;
 
+pub static EXEC: Cmd = Cmd {
+    name: "exec",
+    usage: "apptainer [global options...] exec [exec options...] <container> <command>",
+    short: "Run a command within a container",
+    flags: &[ACTION_FLAGS, EXEC_FLAGS],
+    interspersed: false,
+    subs: &[],
+};
+
 static EXEC_FLAGS: &[Flag] = &[
     bs("pid", 'p', "run container in a new PID namespace"),
     b("no-pid", "do not run container in a new PID namespace"),
@@ -40,15 +49,6 @@ static EXEC_FLAGS: &[Flag] = &[
         "share the namespace and image with other containers launched from the same parent process",
     ),
 ];
-
-pub static EXEC: Cmd = Cmd {
-    name: "exec",
-    usage: "apptainer [global options...] exec [exec options...] <container> <command>",
-    short: "Run a command within a container",
-    flags: &[ACTION_FLAGS, EXEC_FLAGS],
-    interspersed: false,
-    subs: &[],
-};
 
 /// PATH inside a container with a clean environment.
 const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

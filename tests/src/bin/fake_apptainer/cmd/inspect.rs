@@ -10,6 +10,15 @@ use crate::image::ImageMeta;
 use crate::json::J;
 use crate::sys;
 
+pub static INSPECT: Cmd = Cmd {
+    name: "inspect",
+    usage: "apptainer [global options...] inspect [inspect options...] <image path>",
+    short: "Show metadata for an image",
+    flags: &[INSPECT_FLAGS],
+    interspersed: true,
+    subs: &[],
+};
+
 static INSPECT_FLAGS: &[Flag] = &[
     bs(
         "labels",
@@ -39,15 +48,6 @@ static INSPECT_FLAGS: &[Flag] = &[
     v("app", Kind::Str, "inspect a specific app"),
     b("all", "show all available data (imply --json option)"),
 ];
-
-pub static INSPECT: Cmd = Cmd {
-    name: "inspect",
-    usage: "apptainer [global options...] inspect [inspect options...] <image path>",
-    short: "Show metadata for an image",
-    flags: &[INSPECT_FLAGS],
-    interspersed: true,
-    subs: &[],
-};
 
 /// `inspect [--json] [-l] [-d] [-r] [-s] [-t] [-e] [-H] [--all] IMAGE`
 pub fn inspect(args: &[String]) -> Res {

@@ -8,6 +8,15 @@ use crate::instance_state::{find, Instance};
 use crate::json::J;
 use crate::sys;
 
+pub static INSTANCE_LIST: Cmd = Cmd {
+    name: "list",
+    usage: "apptainer [global options...] instance list [list options...] [<instance name glob>]",
+    short: "List all running and named Apptainer instances",
+    flags: &[INSTANCE_LIST_FLAGS],
+    interspersed: true,
+    subs: &[],
+};
+
 static INSTANCE_LIST_FLAGS: &[Flag] = &[
     vs(
         "user",
@@ -23,15 +32,6 @@ static INSTANCE_LIST_FLAGS: &[Flag] = &[
     ),
     bs("all", 'a', "list all instances, including hidden ones"),
 ];
-
-pub static INSTANCE_LIST: Cmd = Cmd {
-    name: "list",
-    usage: "apptainer [global options...] instance list [list options...] [<instance name glob>]",
-    short: "List all running and named Apptainer instances",
-    flags: &[INSTANCE_LIST_FLAGS],
-    interspersed: true,
-    subs: &[],
-};
 
 pub fn list(args: &[String]) -> Res {
     let cmd = &INSTANCE_LIST;

@@ -17,6 +17,24 @@ use crate::network::{allocate_ip, check_network_allowed, network_choice, IpLock}
 use crate::sylog;
 use crate::sys;
 
+pub static INSTANCE_START: Cmd = Cmd {
+    name: "start",
+    usage: "apptainer [global options...] instance start [start options...] <container path> <instance name> [startscript args...]",
+    short: "Start a named instance of the given container image",
+    flags: &[ACTION_FLAGS, INSTANCE_START_FLAGS],
+    interspersed: false,
+    subs: &[],
+};
+
+pub static INSTANCE_RUN: Cmd = Cmd {
+    name: "run",
+    usage: "apptainer [global options...] instance run [run options...] <container path> <instance name> [runscript args...]",
+    short: "Run a named instance of the given container image",
+    flags: &[ACTION_FLAGS, INSTANCE_START_FLAGS, INSTANCE_RUN_FLAGS],
+    interspersed: false,
+    subs: &[],
+};
+
 static INSTANCE_START_FLAGS: &[Flag] = &[
     v(
         "pid-file",
@@ -40,24 +58,6 @@ static INSTANCE_RUN_FLAGS: &[Flag] = &[v(
     Kind::Str,
     "timeout for the runscript interpreter",
 )];
-
-pub static INSTANCE_START: Cmd = Cmd {
-    name: "start",
-    usage: "apptainer [global options...] instance start [start options...] <container path> <instance name> [startscript args...]",
-    short: "Start a named instance of the given container image",
-    flags: &[ACTION_FLAGS, INSTANCE_START_FLAGS],
-    interspersed: false,
-    subs: &[],
-};
-
-pub static INSTANCE_RUN: Cmd = Cmd {
-    name: "run",
-    usage: "apptainer [global options...] instance run [run options...] <container path> <instance name> [runscript args...]",
-    short: "Run a named instance of the given container image",
-    flags: &[ACTION_FLAGS, INSTANCE_START_FLAGS, INSTANCE_RUN_FLAGS],
-    interspersed: false,
-    subs: &[],
-};
 
 pub fn start(args: &[String], run: bool) -> Res {
     let cmd: &'static Cmd = if run { &INSTANCE_RUN } else { &INSTANCE_START };

@@ -5,6 +5,15 @@ use crate::cli::{self, b, bs, vs, Cmd, Fail, Flag, Kind, Res};
 use crate::ident::Ident;
 use crate::instance_state::find;
 
+pub static INSTANCE_STATS: Cmd = Cmd {
+    name: "stats",
+    usage: "apptainer [global options...] instance stats [stats options...] <instance name>",
+    short: "Get stats for a named instance",
+    flags: &[INSTANCE_STATS_FLAGS],
+    interspersed: true,
+    subs: &[],
+};
+
 static INSTANCE_STATS_FLAGS: &[Flag] = &[
     vs(
         "user",
@@ -18,15 +27,6 @@ static INSTANCE_STATS_FLAGS: &[Flag] = &[
         "disable streaming (live update) of instance stats",
     ),
 ];
-
-pub static INSTANCE_STATS: Cmd = Cmd {
-    name: "stats",
-    usage: "apptainer [global options...] instance stats [stats options...] <instance name>",
-    short: "Get stats for a named instance",
-    flags: &[INSTANCE_STATS_FLAGS],
-    interspersed: true,
-    subs: &[],
-};
 
 /// A stub: the fake's instances have no cgroup, so stats are never available.
 pub fn stats(args: &[String]) -> Res {

@@ -13,6 +13,15 @@ use crate::instance_state::{find, prune, state_file, Instance};
 use crate::sylog;
 use crate::sys;
 
+pub static INSTANCE_STOP: Cmd = Cmd {
+    name: "stop",
+    usage: "apptainer [global options...] instance stop [stop options...] [instance]",
+    short: "Stop a named instance of a given container image",
+    flags: &[INSTANCE_STOP_FLAGS],
+    interspersed: true,
+    subs: &[],
+};
+
 static INSTANCE_STOP_FLAGS: &[Flag] = &[
     vs(
         "user",
@@ -30,15 +39,6 @@ static INSTANCE_STOP_FLAGS: &[Flag] = &[
         "force kill non stopped instances after X seconds",
     ),
 ];
-
-pub static INSTANCE_STOP: Cmd = Cmd {
-    name: "stop",
-    usage: "apptainer [global options...] instance stop [stop options...] [instance]",
-    short: "Stop a named instance of a given container image",
-    flags: &[INSTANCE_STOP_FLAGS],
-    interspersed: true,
-    subs: &[],
-};
 
 pub fn stop(args: &[String]) -> Res {
     let cmd = &INSTANCE_STOP;

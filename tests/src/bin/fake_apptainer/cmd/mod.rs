@@ -22,6 +22,21 @@ use crate::cli::{b, bs, help, ok, parse, vs, Cmd, Fail, Flag, Kind, Parsed, Res,
 use crate::sylog;
 use crate::sys;
 
+pub static ROOT: Cmd = Cmd {
+    name: "apptainer",
+    usage: "apptainer [global options...]",
+    short: "Linux container platform optimized for High Performance Computing (HPC) and Enterprise Performance Computing (EPC)",
+    flags: &[ROOT_FLAGS],
+    interspersed: false,
+    subs: &[
+        &build::BUILD,
+        &exec::EXEC,
+        &inspect::INSPECT,
+        &instance::INSTANCE,
+        &version::VERSION_CMD,
+    ],
+};
+
 static ROOT_FLAGS: &[Flag] = &[
     bs(
         "debug",
@@ -44,21 +59,6 @@ static ROOT_FLAGS: &[Flag] = &[
     ),
     b("version", "version for apptainer"),
 ];
-
-pub static ROOT: Cmd = Cmd {
-    name: "apptainer",
-    usage: "apptainer [global options...]",
-    short: "Linux container platform optimized for High Performance Computing (HPC) and Enterprise Performance Computing (EPC)",
-    flags: &[ROOT_FLAGS],
-    interspersed: false,
-    subs: &[
-        &build::BUILD,
-        &exec::EXEC,
-        &inspect::INSPECT,
-        &instance::INSTANCE,
-        &version::VERSION_CMD,
-    ],
-};
 
 /// Runs one invocation (everything after argv[0]).
 pub fn run(argv: &[String]) -> Res {
