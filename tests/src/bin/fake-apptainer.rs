@@ -42,22 +42,56 @@
 //! * `FAKE_APPTAINER_CONTROL=/path`: `KEY=VALUE` lines (`FAIL=build`, ...) that
 //!   override the variables above while the file exists.
 
-#[path = "fake_apptainer/build.rs"]
-mod build;
+// The map, in layers, top first. `main` logs the invocation (`invocation`), hands the
+// arguments to `cmd::run` and prints how it ended (`cli::finish`).
+//
+// * `cmd/`: one file per subcommand (`build`, `exec`, `inspect`, `instance` with
+//   `instance_start|stop|list|stats`, `version`, `buildcfg`) and the root dispatch;
+// * what the subcommands build on: `action` (options and binds of `exec` and
+//   `instance start`), `definition` (definition files) and `assemble` (producing an
+//   image) with `bundle` (the build's temporary bundle and helper), `image` (image
+//   metadata, opening images), `instance_state` (state files), `network` (addresses),
+//   `monitor` (the hidden monitor and appinit processes of an instance), `controls`
+//   (the test controls);
+// * `cli/`: what every command shares: outcomes (`Done`, `Fail`), option tables (`flags`),
+//   the pflag-like parser (`parse`), cobra-style help and errors (`usage`);
+// * foundations: `invocation` (the `FAKE_APPTAINER_LOG` lines), `glob`, `json`, `sylog`
+//   (log messages), `ident` (user, host and state directories), `sys` (paths, processes,
+//   signals).
+//
+// A module imports (`crate::x`) only from its own layer or one below, with no cycle; the test
+// in `layout_test.rs` holds the layers and checks that (`cargo test -p
+// apptainer-orchestrator-tests --bin fake-apptainer`).
+
+#[path = "fake_apptainer/cmd/mod.rs"]
+mod cmd;
+
+#[path = "fake_apptainer/action.rs"]
+mod action;
+#[path = "fake_apptainer/assemble.rs"]
+mod assemble;
 #[path = "fake_apptainer/bundle.rs"]
 mod bundle;
-#[path = "fake_apptainer/cli.rs"]
-mod cli;
 #[path = "fake_apptainer/controls.rs"]
 mod controls;
-#[path = "fake_apptainer/exec.rs"]
-mod exec;
-#[path = "fake_apptainer/glob.rs"]
-mod glob;
+#[path = "fake_apptainer/definition.rs"]
+mod definition;
 #[path = "fake_apptainer/image.rs"]
 mod image;
-#[path = "fake_apptainer/instance.rs"]
-mod instance;
+#[path = "fake_apptainer/instance_state.rs"]
+mod instance_state;
+#[path = "fake_apptainer/monitor.rs"]
+mod monitor;
+#[path = "fake_apptainer/network.rs"]
+mod network;
+
+#[path = "fake_apptainer/cli/mod.rs"]
+mod cli;
+
+#[path = "fake_apptainer/glob.rs"]
+mod glob;
+#[path = "fake_apptainer/ident.rs"]
+mod ident;
 #[path = "fake_apptainer/invocation.rs"]
 mod invocation;
 #[path = "fake_apptainer/json.rs"]
@@ -67,9 +101,13 @@ mod sylog;
 #[path = "fake_apptainer/sys.rs"]
 mod sys;
 
+#[cfg(test)]
+#[path = "fake_apptainer/layout_test.rs"]
+mod layout_test;
+
 fn main() {
     // The monitor and appinit of a running instance are this binary too.
-    if let Some(code) = instance::hidden_mode().or_else(bundle::helper_mode) {
+    if let Some(code) = monitor::hidden_mode().or_else(bundle::helper_mode) {
         std::process::exit(code);
     }
     let argv: Vec<String> = std::env::args_os()
@@ -77,7 +115,7 @@ fn main() {
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     let invocation = invocation::Invocation::begin(&argv);
-    match cli::finish(cli::run(&argv)) {
+    match cli::finish(cmd::run(&argv)) {
         cli::Done::Code(code) => {
             invocation.end(code, None);
             std::process::exit(code);

@@ -1,18 +1,19 @@
 //! Images made by the fake: a sandbox directory with `.singularity.d/` metadata
 //! (reference 1.5), or a "SIF" file holding the same metadata as JSON after a
 //! magic line. Also opening images for `exec`/`instance start` (missing image:
-//! the 2.5 FATAL text; `docker://` and the like become a fake cached SIF) and
-//! `inspect` (reference 5.2).
+//! the 2.5 FATAL text; `docker://` and the like become a fake cached SIF). The
+//! `inspect` command that shows the metadata is `cmd/inspect.rs`.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use crate::cli::{self, Fail, Res};
+use crate::cli::Fail;
+use crate::ident::Ident;
 use crate::json::J;
 use crate::sylog;
-use crate::sys::{self, Ident};
+use crate::sys;
 
 /// First line of a non-sandbox image written by the fake.
 pub const SIF_MAGIC: &str = "FAKE-APPTAINER-SIF 1\n";
@@ -248,102 +249,4 @@ fn pull_to_cache(
             })?;
     }
     Ok(path.to_string_lossy().into_owned())
-}
-
-// ---------------------------------------------------------------------------
-// inspect
-
-/// `inspect [--json] [-l] [-d] [-r] [-s] [-t] [-e] [-H] [--all] IMAGE`
-pub fn inspect(args: &[String]) -> Res {
-    let p = match cli::parse_with(&cli::INSPECT, args, cli::Arity::Exactly(1)) {
-        Ok(p) => p,
-        Err(ends) => return ends,
-    };
-    let arg = &p.args[0];
-    let abs = sys::absolute(arg);
-    if fs::symlink_metadata(&abs).is_err() {
-        return Err(Fail::Fatal(format!(
-            "Failed to open image {arg}: failed to retrieve path for {arg}: lstat {abs}: no such file or directory"
-        )));
-    }
-    let meta = ImageMeta::read(Path::new(&abs));
-    if p.bool("list-apps") {
-        return cli::ok();
-    }
-    let all = p.bool("all");
-    let want = |flag: &str| all || p.bool(flag);
-    let selectors = [
-        "labels",
-        "deffile",
-        "runscript",
-        "startscript",
-        "test",
-        "environment",
-        "helpfile",
-    ];
-    let labels = want("labels") || !selectors.iter().any(|s| p.bool(s));
-    let empty_to_none = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
-    let pick = |flag: &str, v: &Option<String>| if want(flag) { empty_to_none(v) } else { None };
-    let runscript = pick("runscript", &meta.runscript);
-    let test = pick("test", &meta.test);
-    let helpfile = pick("helpfile", &meta.helpfile);
-    let deffile = pick("deffile", &meta.deffile);
-    let startscript = pick("startscript", &meta.startscript);
-    let environment = if want("environment") {
-        meta.environment.clone()
-    } else {
-        BTreeMap::new()
-    };
-    let label_map = if labels {
-        meta.labels.clone()
-    } else {
-        BTreeMap::new()
-    };
-
-    let mut out = String::new();
-    if all || p.bool("json") {
-        // Key order of the Go struct; empty fields are omitted.
-        let mut attributes: Vec<(&str, J)> = Vec::new();
-        if !environment.is_empty() {
-            attributes.push(("environment", J::map(&environment)));
-        }
-        if !label_map.is_empty() {
-            attributes.push(("labels", J::map(&label_map)));
-        }
-        for (key, value) in [
-            ("runscript", &runscript),
-            ("test", &test),
-            ("helpfile", &helpfile),
-            ("deffile", &deffile),
-            ("startscript", &startscript),
-        ] {
-            if let Some(v) = value {
-                attributes.push((key, J::s(v)));
-            }
-        }
-        let doc = J::o(vec![
-            ("data", J::o(vec![("attributes", J::o(attributes))])),
-            ("type", J::s("container")),
-        ]);
-        out.push_str(&doc.indented());
-        out.push('\n');
-    } else {
-        for v in [&deffile, &runscript, &startscript, &test, &helpfile]
-            .into_iter()
-            .flatten()
-        {
-            out.push_str(v);
-            if !v.ends_with('\n') {
-                out.push('\n');
-            }
-        }
-        for (path, content) in &environment {
-            out.push_str(&format!("=== {path} ===\n{content}\n\n"));
-        }
-        for (k, v) in &label_map {
-            out.push_str(&format!("{k}: {v}\n"));
-        }
-    }
-    sys::stdout(&out);
-    cli::ok()
 }

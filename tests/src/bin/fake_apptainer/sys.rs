@@ -1,16 +1,15 @@
-//! Host facts and small helpers: identity and directories (reference 4.5),
-//! paths, processes read from /proc, signals sent with `/bin/kill`, base64 and
-//! dates. No `unsafe`: everything goes through std, /proc and helper commands.
+//! Host facts and small helpers: the uid, the environment, paths, processes
+//! read from /proc, signals sent with `/bin/kill`, base64 and dates (who we are
+//! and where our state lives is `ident.rs`). No `unsafe`: everything goes
+//! through std, /proc and helper commands.
 
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use crate::sylog;
 
 pub fn uid() -> u32 {
     static UID: OnceLock<u32> = OnceLock::new();
@@ -41,93 +40,6 @@ pub fn env_nonempty(key: &str) -> Option<String> {
 pub fn env_truthy(key: &str) -> bool {
     env_nonempty(key)
         .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "t"))
-}
-
-/// (name, home) of a uid from /etc/passwd.
-fn passwd_entry(uid: u32) -> Option<(String, String)> {
-    let text = fs::read_to_string("/etc/passwd").ok()?;
-    text.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        (fields.len() >= 6 && fields[2].parse::<u32>().ok() == Some(uid))
-            .then(|| (fields[0].to_string(), fields[5].to_string()))
-    })
-}
-
-/// Who and where we are: the parts of the instance state paths.
-pub struct Ident {
-    pub uid: u32,
-    pub user: String,
-    pub host: String,
-    pub configdir: PathBuf,
-}
-
-impl Ident {
-    pub fn load() -> Ident {
-        let uid = uid();
-        let user = if uid == 0 {
-            "root".to_string()
-        } else {
-            env_nonempty("USER")
-                .or_else(|| passwd_entry(uid).map(|e| e.0))
-                .unwrap_or_else(|| uid.to_string())
-        };
-        let host = fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "localhost".to_string());
-        Ident {
-            uid,
-            user,
-            host,
-            configdir: configdir(uid),
-        }
-    }
-
-    /// `<configdir>/instances/app/<hostname>/<user>`
-    pub fn state_dir_of(&self, user: &str) -> PathBuf {
-        self.configdir
-            .join("instances")
-            .join("app")
-            .join(&self.host)
-            .join(user)
-    }
-
-    pub fn state_dir(&self) -> PathBuf {
-        self.state_dir_of(&self.user)
-    }
-
-    /// `<configdir>/instances/logs/<hostname>/<user>`
-    pub fn logs_dir(&self) -> PathBuf {
-        self.configdir
-            .join("instances")
-            .join("logs")
-            .join(&self.host)
-            .join(&self.user)
-    }
-
-    /// Image cache: `$APPTAINER_CACHEDIR`, else `<configdir>/cache`.
-    pub fn cache_dir(&self) -> PathBuf {
-        env_nonempty("APPTAINER_CACHEDIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| self.configdir.join("cache"))
-    }
-}
-
-fn configdir(uid: u32) -> PathBuf {
-    if let Some(dir) = env_nonempty("APPTAINER_CONFIGDIR") {
-        return PathBuf::from(dir);
-    }
-    if let Some(dir) = env_nonempty("SINGULARITY_CONFIGDIR") {
-        sylog::info(
-            "Environment variable SINGULARITY_CONFIGDIR is set, but APPTAINER_CONFIGDIR is preferred",
-        );
-        return PathBuf::from(dir);
-    }
-    let home = env_nonempty("HOME")
-        .or_else(|| passwd_entry(uid).map(|e| e.1))
-        .unwrap_or_else(|| "/".to_string());
-    Path::new(&home).join(".apptainer")
 }
 
 // ---------------------------------------------------------------------------

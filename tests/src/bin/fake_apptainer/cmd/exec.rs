@@ -14,17 +14,47 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::cli::{self, Done, Fail, Parsed, Res};
+use crate::action::{self, Bind, ACTION_FLAGS};
+use crate::cli::{self, b, bs, v, Cmd, Done, Fail, Flag, Kind, Parsed, Res};
 use crate::controls::Controls;
+use crate::ident::Ident;
 use crate::image;
-use crate::instance::{self, Bind};
-use crate::sys::{self, Ident};
+use crate::instance_state;
+use crate::sys;
+
+pub static EXEC: Cmd = Cmd {
+    name: "exec",
+    usage: "apptainer [global options...] exec [exec options...] <container> <command>",
+    short: "Run a command within a container",
+    flags: &[ACTION_FLAGS, EXEC_FLAGS],
+    interspersed: false,
+    subs: &[],
+};
+
+static EXEC_FLAGS: &[Flag] = &[
+    bs("pid", 'p', "run container in a new PID namespace"),
+    b("no-pid", "do not run container in a new PID namespace"),
+    v(
+        "cwd",
+        Kind::Str,
+        "initial working directory for payload process inside the container",
+    ),
+    v(
+        "pwd",
+        Kind::Str,
+        "initial working directory for payload process inside the container",
+    ),
+    b(
+        "sharens",
+        "share the namespace and image with other containers launched from the same parent process",
+    ),
+];
 
 /// PATH inside a container with a clean environment.
 const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub fn run(args: &[String]) -> Res {
-    let cmd = &cli::EXEC;
+    let cmd = &EXEC;
     let p = match cli::parse_with(cmd, args, cli::Arity::AtLeast(2)) {
         Ok(p) => p,
         Err(ends) => return ends,
@@ -34,12 +64,12 @@ pub fn run(args: &[String]) -> Res {
     let target = &p.args[0];
     let (image, binds, instance_name) = match target.strip_prefix("instance://") {
         Some(name) => {
-            if !instance::valid_name(name) {
+            if !instance_state::valid_name(name) {
                 return Err(Fail::Fatal(format!(
                     "While setting image/instance: {name} is not a valid instance name"
                 )));
             }
-            let found = instance::find(&ident.state_dir(), name).unwrap_or_default();
+            let found = instance_state::find(&ident.state_dir(), name).unwrap_or_default();
             let Some(inst) = found.into_iter().next() else {
                 return Err(Fail::Fatal(format!(
                     "While setting image/instance: no instance found with name {name}"
@@ -50,8 +80,8 @@ pub fn run(args: &[String]) -> Res {
         }
         None => {
             let image = image::open(target, &ident)?;
-            let binds = instance::parse_binds(&instance::bind_values(&p));
-            instance::check_binds(&binds)?;
+            let binds = action::parse_binds(&action::bind_values(&p));
+            action::check_binds(&binds)?;
             (image, binds, None)
         }
     };
@@ -139,7 +169,7 @@ fn environment(p: &Parsed, image: &str, instance: Option<&str>) -> Vec<(String, 
             set(name.to_string(), v);
         }
     }
-    for (k, v) in instance::parse_env(p) {
+    for (k, v) in action::parse_env(p) {
         set(k, v);
     }
     set("APPTAINER_CONTAINER".to_string(), image.to_string());
