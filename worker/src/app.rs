@@ -14,14 +14,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
+use crate::broker::{reconnect_backoff, Publisher};
 use crate::http::Readiness;
-use crate::intake::{lane_of, Intake};
+use crate::intake::Intake;
 use crate::ops::OpContext;
-use crate::outbox::{self, reconnect_backoff, Publisher};
+use crate::outbox;
 use crate::progress::Progress;
 use crate::reconciler::Reconciler;
 use crate::runtime::{Apptainer, Limits, Runtime};
-use crate::scheduler::{Executor, Job, JobKind, Scheduler};
+use crate::scheduler::{lane_of, Executor, Job, JobKind, Scheduler};
 use crate::settings::{RestorePolicy, Settings};
 use crate::store::Store;
 

@@ -28,6 +28,7 @@ pub mod outbox;
 pub mod progress;
 pub mod reconciler;
 pub mod reply;
+pub mod rules;
 pub mod runtime;
 pub mod scheduler;
 pub mod settings;

@@ -20,7 +20,6 @@
 
 mod answer;
 mod decode;
-pub mod validate;
 
 pub use decode::{decode, Refused};
 
@@ -36,10 +35,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::outbox::Publisher;
+use crate::broker::Publisher;
 use crate::progress::{Progress, Watcher};
 use crate::reply::{to_body, ReplyHeader};
-use crate::scheduler::{Job, JobKind, Scheduler, GLOBAL_LANE};
+use crate::rules::Refusal;
+use crate::scheduler::{lane_of, Job, JobKind, Scheduler};
 use crate::store::{now_ms, request_digest, Accepted, Offer, ReplyTarget, Store};
 use answer::Answerer;
 
@@ -302,8 +302,7 @@ impl Intake {
         }
         let decoded = match &envelope.deadline_ms {
             Err(message) => Err(Refused {
-                code: ErrorCode::BadRequest,
-                message: message.clone(),
+                refusal: Refusal::bad_request(message.clone()),
                 op: None,
                 container_name: None,
             }),
@@ -334,8 +333,7 @@ impl Intake {
         tracing::debug!(body = %String::from_utf8_lossy(&delivery.data), "request received");
         match decoded {
             Err(Refused {
-                code,
-                message,
+                refusal: Refusal { code, message },
                 op,
                 container_name,
             }) => {
@@ -653,14 +651,6 @@ fn wants_progress(headers: Option<&FieldTable>) -> bool {
         AMQPValue::ShortString(text) => text.as_str().eq_ignore_ascii_case("true"),
         _ => false,
     }
-}
-
-/// The lane a request runs in: its container's, or the global one.
-pub fn lane_of(request: &Request) -> String {
-    request
-        .container_name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|| GLOBAL_LANE.to_owned())
 }
 
 async fn ack(delivery: Delivery) {

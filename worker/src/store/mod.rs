@@ -190,12 +190,7 @@ pub enum Change {
     ForgetLeftover(String),
 }
 
-/// Where one reply must go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplyTarget {
-    pub reply_to: String,
-    pub correlation_id: Option<String>,
-}
+pub use crate::broker::ReplyTarget;
 
 /// A write request offered to the inbox.
 #[derive(Debug, Clone)]
