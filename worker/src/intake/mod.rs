@@ -19,8 +19,10 @@
 //! committed to the inbox in one transaction.
 
 mod answer;
+mod consume;
 mod decode;
 
+pub use consume::{consume_until_cancelled, Drain, Readiness};
 pub use decode::{decode, Refused};
 
 use std::sync::Arc;
