@@ -1,6 +1,7 @@
-//! The outbox loop: drains committed replies through the broker's [`Publisher`], retrying
-//! with backoff while the broker is away. A reply leaves the outbox only once the broker has confirmed it. A reply the broker
-//! refuses (nacks) is retried on its own schedule, then set aside; it never holds up the others.
+//! The outbox loop, the end of the request path: drains committed replies through the broker's
+//! [`Publisher`], retrying with backoff while the broker is away. A reply leaves the outbox only
+//! once the broker has confirmed it. A reply the broker refuses (nacks) is retried on its own
+//! schedule, then set aside; it never holds up the others.
 
 use std::sync::Arc;
 use std::time::Duration;

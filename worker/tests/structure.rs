@@ -167,8 +167,8 @@ impl Collector {
         }
     }
 
-    fn leaf(&mut self, prefix: &mut Vec<String>, ident: &syn::Ident, tree: &syn::UseTree) {
-        let mut segments = prefix.clone();
+    fn leaf(&mut self, prefix: &[String], ident: &syn::Ident, tree: &syn::UseTree) {
+        let mut segments = prefix.to_vec();
         segments.push(ident.to_string());
         self.note(&segments, tree.span().start().line);
     }
