@@ -116,6 +116,8 @@ struct Collector {
     imports: Vec<Import>,
     long_fns: Vec<(String, usize, usize)>,
     in_tests: usize,
+    /// Names the crate root re-exports (`pub use app::Worker`), and the module each is from.
+    reexports: BTreeMap<String, String>,
 }
 
 impl Collector {
@@ -136,9 +138,16 @@ impl Collector {
             }
             _ => return,
         }
-        let target = base.first().or(rest.first());
+        // `crate::Worker` names `app`: the crate root re-exports it.
+        let target = base
+            .first()
+            .or(rest.first())
+            .map(|t| match base.is_empty() {
+                true => self.reexports.get(t).unwrap_or(t),
+                false => t,
+            });
         let seen = |i: &Import| Some(&i.target) == target && i.line == line;
-        if let (Some(target), false) = (target, self.imports.iter().any(seen)) {
+        if let (Some(target), false) = (target.cloned(), self.imports.iter().any(seen)) {
             self.imports.push(Import {
                 target: target.clone(),
                 line,
@@ -265,7 +274,30 @@ struct Parsed {
     long_fns: Vec<(String, usize, usize)>,
 }
 
+/// The names `lib.rs` re-exports from a module (`pub use app::Worker;`), mapped to the module.
+fn root_reexports() -> BTreeMap<String, String> {
+    let lib = std::fs::read_to_string(src_dir().join("lib.rs")).expect("lib.rs is readable");
+    let mut names = BTreeMap::new();
+    for item in syn::parse_file(&lib).expect("lib.rs parses").items {
+        let syn::Item::Use(item) = item else { continue };
+        let syn::UseTree::Path(path) = &item.tree else {
+            continue;
+        };
+        let leaves = match &*path.tree {
+            syn::UseTree::Group(group) => group.items.iter().collect(),
+            leaf => vec![leaf],
+        };
+        for leaf in leaves {
+            if let syn::UseTree::Name(name) = leaf {
+                names.insert(name.ident.to_string(), path.ident.to_string());
+            }
+        }
+    }
+    names
+}
+
 fn parse_all() -> Vec<Parsed> {
+    let reexports = root_reexports();
     let mut files = Vec::new();
     rust_files(&src_dir(), &mut files);
     files
@@ -281,6 +313,7 @@ fn parse_all() -> Vec<Parsed> {
                 imports: Vec::new(),
                 long_fns: Vec::new(),
                 in_tests: usize::from(test_file),
+                reexports: reexports.clone(),
             };
             collector.visit_file(&syntax);
             Parsed {
