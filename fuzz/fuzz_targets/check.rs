@@ -14,9 +14,9 @@ const MAX_BODY: usize = 1024 * 1024;
 pub fn decode_render_check(body: &[u8]) {
     match decode(body, MAX_BODY) {
         Err(refused) => {
-            let status = refused.code.status();
+            let status = refused.refusal.code.status();
             assert!((400..500).contains(&status), "{refused:?}");
-            assert!(!refused.message.is_empty());
+            assert!(!refused.refusal.message.is_empty());
         }
         Ok(Request::Start(start)) => {
             let definition = Definition::of_start(&start);

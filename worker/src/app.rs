@@ -1,27 +1,26 @@
-//! The worker as a whole: [`Worker::build`] prepares everything that can fail at start-up (data
-//! directory, store, broker), then [`Worker::run_until_stopped`] resumes unfinished requests,
-//! consumes until the shutdown future resolves, drains, and flushes the outbox.
+//! The worker as a whole: [`Worker::build`] checks, opens and wires everything (everything that
+//! can fail at start-up fails there), then [`Worker::run_until_stopped`] reads resume → consume
+//! → drain. The top of the layers: it may use every module, and no module uses it.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_lite::StreamExt;
-use lapin::options::BasicCancelOptions;
 use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::Broker;
-use crate::http::Readiness;
-use crate::intake::{lane_of, Intake};
+use crate::broker::{Broker, Publisher};
+use crate::intake::{consume_until_cancelled, Drain, Intake, Readiness};
 use crate::ops::OpContext;
-use crate::outbox::{self, reconnect_backoff, Publisher};
+use crate::outbox;
 use crate::progress::Progress;
 use crate::reconciler::Reconciler;
 use crate::runtime::{Apptainer, Limits, Runtime};
-use crate::scheduler::{Executor, Job, JobKind, Scheduler};
+use crate::scheduler::{lane_of, Executor, Job, JobKind, Scheduler};
 use crate::settings::{RestorePolicy, Settings};
 use crate::store::Store;
 
@@ -37,137 +36,93 @@ pub struct Worker {
     runtime: Arc<dyn Runtime>,
     broker: Broker,
     publisher: Arc<Publisher>,
-    bind_roots: Vec<std::path::PathBuf>,
     /// Bound in `build`, so a taken port fails the start instead of a later task.
     http: Option<tokio::net::TcpListener>,
     readiness: Readiness,
+    scheduler: Scheduler,
+    intake: Intake,
+    outbox_wake: Arc<Notify>,
+    /// The work in flight: lane jobs, and the replies and acknowledgements that settle
+    /// deliveries. The drain waits on it.
+    tracker: TaskTracker,
+    /// Cancelled at shutdown: no delivery is taken and no job started any more.
+    stop: CancellationToken,
+    /// Cancelled when the drain deadline passes: every wait of the drain ends then.
+    abort: CancellationToken,
+}
+
+/// The tasks that run beside the consumer, stopped in order by the drain.
+struct Background {
+    serving: Option<JoinHandle<()>>,
+    http_stop: CancellationToken,
+    outbox: JoinHandle<()>,
+    outbox_stop: CancellationToken,
+    reconciling: Option<JoinHandle<()>>,
+    pruner: JoinHandle<()>,
 }
 
 impl Worker {
-    /// Checks and opens everything the worker needs; once this returns, the broker is reachable
-    /// and the topology is declared.
+    /// Checks, opens and wires everything the worker needs; once this returns, the broker is
+    /// reachable, the topology is declared, and nothing that runs later can fail to start.
     pub async fn build(mut settings: Settings) -> anyhow::Result<Self> {
         crate::check::fit_to_start(&settings)
             .await
             .context("the worker cannot work on this host")?;
         let node = settings.node_id();
-        let http_addr = settings
-            .http_listen_addr()
-            .map_err(anyhow::Error::msg)
-            .context("refusing the HTTP listener's address")?;
-        let http = match http_addr {
-            Some(addr) => {
-                crate::metrics::recorder();
-                Some(
-                    tokio::net::TcpListener::bind(addr)
-                        .await
-                        .with_context(|| format!("could not listen for HTTP on {addr}"))?,
-                )
-            }
-            None => None,
-        };
-        for dir in [
-            settings.data_dir.clone(),
-            settings.images_dir(),
-            settings.definitions_dir(),
-        ] {
-            std::fs::create_dir_all(&dir).with_context(|| {
-                format!("could not create the data directory {}", dir.display())
-            })?;
-        }
-        // Absolute from here on: apptainer reports the image of an instance as an absolute path,
-        // and adopting an instance after a restart compares it with the stored one.
-        settings.data_dir = std::fs::canonicalize(&settings.data_dir).with_context(|| {
-            format!(
-                "could not resolve the data directory {}",
-                settings.data_dir.display()
-            )
-        })?;
-        if settings.allowed_bind_roots.is_empty() {
-            let volumes = settings.bind_roots().remove(0);
-            std::fs::create_dir_all(&volumes)
-                .with_context(|| format!("could not create {}", volumes.display()))?;
-        }
-        let bind_roots = settings
-            .bind_roots()
-            .iter()
-            .map(|root| {
-                std::fs::canonicalize(root).with_context(|| {
-                    format!("the allowed bind root {} does not exist", root.display())
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let http = bind_http(&settings).await?;
+        let bind_roots = prepare_data_dir(&mut settings)?;
         let store = Store::open(&settings.state_db()).with_context(|| {
             format!(
                 "could not open the state database {}",
                 settings.state_db().display()
             )
         })?;
-        let runtime: Arc<dyn Runtime> = Arc::new(
-            Apptainer::new(
-                settings.data_dir.join("run/apptainer-calls"),
-                settings.apptainer.clone(),
-                settings.network.clone(),
-                Limits {
-                    builds: settings.concurrency as usize,
-                    commands: settings.command_concurrency as usize,
-                },
-                settings.stop_grace_secs,
-                settings.build_timeout(),
-                settings.command_timeout(),
-                &settings.apptainer_env,
-            )
-            .context("could not prepare the record of apptainer calls in the data directory")?
-            .with_temp_dir(&settings.apptainer_temp_dir())
-            .context("could not prepare apptainer's temporary directory in the data directory")?,
-        );
+        let runtime = open_runtime(&settings)?;
         let broker = Broker::new(&settings, &node);
         let publisher = Arc::new(Publisher::new(broker.clone()));
         publisher
             .connect()
             .await
             .context("could not start the worker")?;
-        Ok(Self {
-            settings,
-            node,
-            store,
-            runtime,
-            broker,
-            publisher,
-            bind_roots,
-            http,
-            readiness: Readiness::default(),
-        })
+        let wiring = Wiring {
+            settings: &settings,
+            node: &node,
+            store: &store,
+            runtime: &runtime,
+            publisher: &publisher,
+        };
+        Ok(wiring.into_worker(bind_roots, http, broker))
     }
 
-    /// Runs until `shutdown` resolves, then stops taking deliveries, lets running operations
-    /// finish (up to the drain timeout), flushes the outbox and closes the connections.
+    /// Runs until `shutdown` resolves: resumes the requests a previous run left unfinished,
+    /// consumes, then drains (stops taking deliveries, lets running work finish up to the drain
+    /// deadline), flushes the outbox and closes the connections.
     pub async fn run_until_stopped(
         mut self,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let stop = CancellationToken::new();
-        let abort = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let outbox_wake = Arc::new(Notify::new());
-        let progress = Arc::new(Progress::new(Some(Arc::clone(&self.publisher))));
-        let executor = Executor {
-            ctx: OpContext {
-                store: self.store.clone(),
-                runtime: Arc::clone(&self.runtime),
-                images_dir: self.settings.images_dir(),
-                definitions_dir: self.settings.definitions_dir(),
-                bind_roots: self.bind_roots.clone(),
-                home_mount: self.settings.home_mount.clone(),
-                progress: Arc::clone(&progress),
-            },
-            node: self.node.clone(),
-            outbox_wake: Arc::clone(&outbox_wake),
-            max_attempts: self.settings.max_attempts,
-            restore: self.settings.restore_policy == RestorePolicy::Restart,
-            stop: stop.clone(),
+        let background = self.start_background();
+        let resumed = self.resume_unfinished(&self.scheduler).await?;
+        let reconciling = self.reconcile_at_start().await;
+        let background = Background {
+            reconciling,
+            ..background
         };
-        let scheduler = Scheduler::new(executor, tracker.clone(), stop.clone());
+        tracing::info!(
+            node = %self.node,
+            queue = %self.broker.request_queue,
+            broker = %self.settings.redacted_amqp_url(),
+            resumed,
+            "worker started"
+        );
+        let deadline = self.consume_then_drain(shutdown).await;
+        self.stop_background(background, deadline).await;
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    /// Starts the HTTP listener, the outbox loop and the pruner.
+    fn start_background(&mut self) -> Background {
         let http_stop = CancellationToken::new();
         let serving = self.http.take().map(|listener| {
             if let Ok(addr) = listener.local_addr() {
@@ -177,70 +132,64 @@ impl Worker {
                 listener,
                 self.readiness.clone(),
                 self.store.clone(),
-                scheduler.clone(),
+                self.scheduler.clone(),
                 http_stop.clone(),
             ))
         });
         let outbox_stop = CancellationToken::new();
-        let outbox_task = tokio::spawn(outbox::run(
+        let outbox = tokio::spawn(outbox::run(
             self.store.clone(),
             Arc::clone(&self.publisher),
-            Arc::clone(&outbox_wake),
+            Arc::clone(&self.outbox_wake),
             outbox_stop.clone(),
         ));
-
-        let resumed = self.resume_unfinished(&scheduler).await?;
-        let reconciler = Reconciler {
-            store: self.store.clone(),
-            runtime: Arc::clone(&self.runtime),
-            scheduler: scheduler.clone(),
-        };
-        // At start-up, after the resumed requests: their lanes converge first.
-        if let Err(e) = reconciler.reconcile_once().await {
-            tracing::warn!(error = %e, "could not compare the records with apptainer's instances at start-up");
-        }
-        let reconciling = (self.settings.reconcile_interval_secs > 0).then(|| {
-            tokio::spawn(reconciler.run(
-                Duration::from_secs(self.settings.reconcile_interval_secs),
-                stop.clone(),
-            ))
-        });
-        tracing::info!(
-            node = %self.node,
-            queue = %self.broker.request_queue,
-            broker = %self.settings.redacted_amqp_url(),
-            resumed,
-            "worker started"
-        );
         let pruner = tokio::spawn(prune_periodically(
             self.store.clone(),
             Duration::from_secs(self.settings.dedupe_hours * 3600),
         ));
+        Background {
+            serving,
+            http_stop,
+            outbox,
+            outbox_stop,
+            reconciling: None,
+            pruner,
+        }
+    }
 
-        let intake = Intake {
+    /// Compares the records with apptainer's instances once, after the resumed requests (their
+    /// lanes converge first), then starts the periodic reconciler if one is configured.
+    async fn reconcile_at_start(&self) -> Option<JoinHandle<()>> {
+        let reconciler = Reconciler {
             store: self.store.clone(),
-            scheduler: scheduler.clone(),
-            publisher: Arc::clone(&self.publisher),
-            progress,
-            outbox_wake: Arc::clone(&outbox_wake),
-            pending: Arc::new(Semaphore::new(self.settings.max_pending)),
-            tracker: tracker.clone(),
-            node: self.node.clone(),
-            default_reply_queue: self.settings.reply_queue.clone(),
-            dead_letter_queue: self.settings.dead_letter_queue(),
-            max_body_bytes: self.settings.max_body_bytes,
-            max_attempts: self.settings.max_attempts,
-            stop: stop.clone(),
-            abort: abort.clone(),
+            runtime: Arc::clone(&self.runtime),
+            scheduler: self.scheduler.clone(),
         };
+        if let Err(e) = reconciler.reconcile_once().await {
+            tracing::warn!(error = %e, "could not compare the records with apptainer's instances at start-up");
+        }
+        (self.settings.reconcile_interval_secs > 0).then(|| {
+            tokio::spawn(reconciler.run(
+                Duration::from_secs(self.settings.reconcile_interval_secs),
+                self.stop.clone(),
+            ))
+        })
+    }
+
+    /// Consumes until `shutdown` resolves, then drains under one deadline: `abort` is cancelled
+    /// when it passes, and every wait of the drain ends by then. The consumer stops taking
+    /// deliveries but keeps its channel open until the work in flight is done (it waits on the
+    /// tracker itself); the wait here covers what remains, with no polling.
+    /// Returns the drain deadline, which the reconciler is also given.
+    async fn consume_then_drain(&self, shutdown: impl Future<Output = ()>) -> tokio::time::Instant {
         let consuming = consume_until_cancelled(
             &self.broker,
-            &intake,
+            &self.intake,
             &self.readiness,
-            stop.clone(),
+            self.stop.clone(),
             Drain {
-                tracker: &tracker,
-                deadline: &abort,
+                tracker: &self.tracker,
+                deadline: &self.abort,
             },
         );
         tokio::pin!(consuming);
@@ -248,22 +197,18 @@ impl Worker {
             () = shutdown => tracing::info!("shutdown requested; draining"),
             () = &mut consuming => {}
         }
-        stop.cancel();
-        // One deadline for the whole drain: `abort` is cancelled when it passes, and every wait
-        // below ends by then. Only the final flush (FINAL_FLUSH) comes after it.
+        self.stop.cancel();
         let deadline = tokio::time::Instant::now() + self.settings.drain_timeout();
         let drain_deadline = {
-            let abort = abort.clone();
+            let abort = self.abort.clone();
             tokio::spawn(async move {
                 tokio::time::sleep_until(deadline).await;
                 abort.cancel();
             })
         };
-        // The consumer stops taking deliveries but keeps its channel open until running reads
-        // are answered and acknowledged (or the deadline passes).
         consuming.await;
-        tracker.close();
-        if tokio::time::timeout_at(deadline, tracker.wait())
+        self.tracker.close();
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
             .await
             .is_err()
         {
@@ -271,10 +216,16 @@ impl Worker {
                 "operations still running at the drain deadline; they resume at the next start"
             );
         }
-        abort.cancel();
+        self.abort.cancel();
         drain_deadline.abort();
-        pruner.abort();
-        if let Some(mut reconciling) = reconciling {
+        deadline
+    }
+
+    /// Stops what runs beside the consumer: the pruner, the reconciler (it had until the drain
+    /// deadline), the outbox with one last bounded flush, the publisher, the HTTP listener.
+    async fn stop_background(&self, background: Background, deadline: tokio::time::Instant) {
+        background.pruner.abort();
+        if let Some(mut reconciling) = background.reconciling {
             if tokio::time::timeout_at(deadline, &mut reconciling)
                 .await
                 .is_err()
@@ -282,16 +233,14 @@ impl Worker {
                 reconciling.abort();
             }
         }
-        outbox_stop.cancel();
-        let _ = outbox_task.await;
+        background.outbox_stop.cancel();
+        let _ = background.outbox.await;
         outbox::flush(&self.store, &self.publisher, FINAL_FLUSH).await;
         self.publisher.close().await;
-        http_stop.cancel();
-        if let Some(serving) = serving {
+        background.http_stop.cancel();
+        if let Some(serving) = background.serving {
             let _ = serving.await;
         }
-        tracing::info!("worker stopped");
-        Ok(())
     }
 
     /// Puts requests accepted before a crash or shutdown back into their lanes, in their
@@ -339,116 +288,149 @@ impl Worker {
     }
 }
 
-/// What the consumer waits for once it stops taking deliveries: the work in flight (`tracker`),
-/// until the drain deadline (`deadline`, cancelled when it passes).
-struct Drain<'a> {
-    tracker: &'a TaskTracker,
-    deadline: &'a CancellationToken,
+/// The parts `build` opened, wired into the lanes, the executor and the intake.
+struct Wiring<'a> {
+    settings: &'a Settings,
+    node: &'a str,
+    store: &'a Store,
+    runtime: &'a Arc<dyn Runtime>,
+    publisher: &'a Arc<Publisher>,
 }
 
-/// Consumes deliveries until `stop` is cancelled, re-subscribing (with backoff) whenever the
-/// connection or the consumer is lost.
-async fn consume_until_cancelled(
-    broker: &Broker,
-    intake: &Intake,
-    readiness: &Readiness,
-    stop: CancellationToken,
-    drain: Drain<'_>,
-) {
-    let mut delays = backon::BackoffBuilder::build(reconnect_backoff());
-    let mut subscribed_before = false;
-    while !stop.is_cancelled() {
-        let (connection, channel, mut consumer) = match broker.consume().await {
-            Ok(parts) => parts,
-            Err(e) => {
-                readiness.not_consuming(e.to_string());
-                let delay = delays.next().unwrap_or(Duration::from_secs(30));
-                tracing::warn!(error = %e, retry_in = ?delay, "could not subscribe to the request queue");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => continue,
-                    _ = stop.cancelled() => return,
-                }
-            }
+impl Wiring<'_> {
+    fn into_worker(
+        self,
+        bind_roots: Vec<PathBuf>,
+        http: Option<tokio::net::TcpListener>,
+        broker: Broker,
+    ) -> Worker {
+        let (settings, store) = (self.settings, self.store);
+        let stop = CancellationToken::new();
+        let abort = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let outbox_wake = Arc::new(Notify::new());
+        let progress = Arc::new(Progress::new(Some(Arc::clone(self.publisher))));
+        let executor = Executor {
+            ctx: OpContext {
+                store: store.clone(),
+                runtime: Arc::clone(self.runtime),
+                images_dir: settings.images_dir(),
+                definitions_dir: settings.definitions_dir(),
+                bind_roots,
+                home_mount: settings.home_mount.clone(),
+                progress: Arc::clone(&progress),
+            },
+            node: self.node.to_owned(),
+            outbox_wake: Arc::clone(&outbox_wake),
+            max_attempts: settings.max_attempts,
+            restore: settings.restore_policy == RestorePolicy::Restart,
+            stop: stop.clone(),
         };
-        delays = backon::BackoffBuilder::build(reconnect_backoff());
-        if subscribed_before {
-            metrics::counter!(crate::metrics::BROKER_RECONNECTS).increment(1);
+        let scheduler = Scheduler::new(executor, tracker.clone(), stop.clone());
+        let intake = Intake {
+            store: store.clone(),
+            scheduler: scheduler.clone(),
+            publisher: Arc::clone(self.publisher),
+            progress,
+            outbox_wake: Arc::clone(&outbox_wake),
+            pending: Arc::new(Semaphore::new(settings.max_pending)),
+            tracker: tracker.clone(),
+            node: self.node.to_owned(),
+            default_reply_queue: settings.reply_queue.clone(),
+            dead_letter_queue: settings.dead_letter_queue(),
+            max_body_bytes: settings.max_body_bytes,
+            max_attempts: settings.max_attempts,
+            stop: stop.clone(),
+            abort: abort.clone(),
+        };
+        Worker {
+            settings: settings.clone(),
+            node: self.node.to_owned(),
+            store: store.clone(),
+            runtime: Arc::clone(self.runtime),
+            broker,
+            publisher: Arc::clone(self.publisher),
+            http,
+            readiness: Readiness::default(),
+            scheduler,
+            intake,
+            outbox_wake,
+            tracker,
+            stop,
+            abort,
         }
-        subscribed_before = true;
-        readiness.consuming();
-        tracing::info!(queue = %broker.request_queue, "consuming requests");
-        loop {
-            let next = tokio::select! {
-                next = consumer.next() => next,
-                _ = stop.cancelled() => break,
-            };
-            let end = match next {
-                Some(Ok(delivery)) => {
-                    let (batch, end) = with_ready_deliveries(&mut consumer, delivery).await;
-                    intake.handle_batch(batch).await;
-                    match end {
-                        Some(end) => end,
-                        None => continue,
-                    }
-                }
-                Some(Err(e)) => StreamEnd::Failed(e),
-                None => StreamEnd::Cancelled,
-            };
-            match end {
-                StreamEnd::Failed(e) => {
-                    tracing::warn!(error = %e, "the request consumer failed; re-subscribing");
-                    readiness.not_consuming(format!("the request consumer failed: {e}"));
-                    break;
-                }
-                StreamEnd::Cancelled => {
-                    tracing::warn!("the broker cancelled the request consumer; re-subscribing");
-                    readiness.not_consuming("the broker cancelled the request consumer");
-                    break;
-                }
-            }
-        }
-        if stop.is_cancelled() {
-            readiness.not_consuming("the worker is shutting down");
-            let _ = channel
-                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                .await;
-            // Wait for the work in flight (lanes, and the acknowledgements, refusals and dead
-            // letters that settle deliveries on this channel), but not past the drain deadline.
-            // No delivery is taken any more, so the tracker can close.
-            drain.tracker.close();
-            tokio::select! {
-                () = drain.tracker.wait() => {}
-                () = drain.deadline.cancelled() => {}
-            }
-        }
-        let _ = connection
-            .close(200, "worker stopping or re-subscribing".into())
-            .await;
     }
 }
 
-/// Why the request consumer's stream ended.
-enum StreamEnd {
-    Failed(lapin::Error),
-    Cancelled,
+/// Binds the HTTP listener, if one is configured.
+async fn bind_http(settings: &Settings) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let http_addr = settings
+        .http_listen_addr()
+        .map_err(anyhow::Error::msg)
+        .context("refusing the HTTP listener's address")?;
+    let Some(addr) = http_addr else {
+        return Ok(None);
+    };
+    crate::metrics::recorder();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("could not listen for HTTP on {addr}"))?;
+    Ok(Some(listener))
 }
 
-/// The delivery in hand and those the broker has already sent behind it (at most the prefetch,
-/// since none of them is acknowledged yet), so the intake can commit their writes together;
-/// and how the stream ended, if it did meanwhile.
-async fn with_ready_deliveries(
-    consumer: &mut lapin::Consumer,
-    first: lapin::message::Delivery,
-) -> (Vec<lapin::message::Delivery>, Option<StreamEnd>) {
-    let mut batch = vec![first];
-    loop {
-        match futures_lite::future::poll_once(consumer.next()).await {
-            Some(Some(Ok(delivery))) => batch.push(delivery),
-            Some(Some(Err(e))) => return (batch, Some(StreamEnd::Failed(e))),
-            Some(None) => return (batch, Some(StreamEnd::Cancelled)),
-            None => return (batch, None),
-        }
+/// Creates the data directory and its parts, makes it absolute (apptainer reports the image of
+/// an instance as an absolute path, and adopting an instance after a restart compares it with
+/// the stored one), and returns the allowed bind roots, resolved.
+fn prepare_data_dir(settings: &mut Settings) -> anyhow::Result<Vec<PathBuf>> {
+    for dir in [
+        settings.data_dir.clone(),
+        settings.images_dir(),
+        settings.definitions_dir(),
+    ] {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("could not create the data directory {}", dir.display()))?;
     }
+    settings.data_dir = std::fs::canonicalize(&settings.data_dir).with_context(|| {
+        format!(
+            "could not resolve the data directory {}",
+            settings.data_dir.display()
+        )
+    })?;
+    if settings.allowed_bind_roots.is_empty() {
+        let volumes = settings.bind_roots().remove(0);
+        std::fs::create_dir_all(&volumes)
+            .with_context(|| format!("could not create {}", volumes.display()))?;
+    }
+    settings
+        .bind_roots()
+        .iter()
+        .map(|root| {
+            std::fs::canonicalize(root)
+                .with_context(|| format!("the allowed bind root {} does not exist", root.display()))
+        })
+        .collect()
+}
+
+/// The apptainer adapter, with its record of calls and temporary directory in the data
+/// directory.
+fn open_runtime(settings: &Settings) -> anyhow::Result<Arc<dyn Runtime>> {
+    let apptainer = Apptainer::new(
+        settings.data_dir.join("run/apptainer-calls"),
+        settings.apptainer.clone(),
+        settings.network.clone(),
+        Limits {
+            builds: settings.concurrency as usize,
+            commands: settings.command_concurrency as usize,
+        },
+        settings.stop_grace_secs,
+        settings.build_timeout(),
+        settings.command_timeout(),
+        &settings.apptainer_env,
+    )
+    .context("could not prepare the record of apptainer calls in the data directory")?
+    .with_temp_dir(&settings.apptainer_temp_dir())
+    .context("could not prepare apptainer's temporary directory in the data directory")?;
+    Ok(Arc::new(apptainer))
 }
 
 async fn prune_periodically(store: Store, window: Duration) {

@@ -4,7 +4,6 @@
 //! Readiness is shared with the consume loop ([`Readiness`]); the store is probed on each
 //! `/readyz`, so a full disk turns it 503 without waiting for a request to fail.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -14,6 +13,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::intake::Readiness;
 use crate::scheduler::Scheduler;
 use crate::store::Store;
 
@@ -21,41 +21,6 @@ use crate::store::Store;
 const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the histogram summaries are maintained between scrapes.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
-
-/// Whether the consumer is registered on the broker, and if not, why. Cheap to clone.
-#[derive(Clone)]
-pub struct Readiness {
-    consumer: Arc<Mutex<Result<(), String>>>,
-}
-
-impl Default for Readiness {
-    fn default() -> Self {
-        Self {
-            consumer: Arc::new(Mutex::new(Err(
-                "not yet subscribed to the request queue".into()
-            ))),
-        }
-    }
-}
-
-impl Readiness {
-    /// The consumer is registered.
-    pub fn consuming(&self) {
-        *self.consumer.lock().unwrap_or_else(|p| p.into_inner()) = Ok(());
-    }
-
-    /// The consumer is gone, for `reason`.
-    pub fn not_consuming(&self, reason: impl Into<String>) {
-        *self.consumer.lock().unwrap_or_else(|p| p.into_inner()) = Err(reason.into());
-    }
-
-    fn consumer(&self) -> Result<(), String> {
-        self.consumer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
 
 #[derive(Clone)]
 struct AppState {

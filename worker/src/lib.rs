@@ -1,21 +1,32 @@
 //! apptainer-orchestrator's worker: requests from RabbitMQ, run through the `apptainer` command
 //! line, replies to each requester.
 //!
-//! The modules follow a request through the worker:
-//! - [`settings`]: flags and environment;
-//! - [`broker`]: connections and topology;
-//! - [`intake`]: decode, validate, deduplicate, write to the inbox, acknowledge;
-//! - [`scheduler`]: one FIFO lane per container name, and the executor;
-//! - [`ops`]: one file per operation;
+//! The modules follow a request through the worker (the data path reads broker → intake →
+//! scheduler → ops → runtime → store → outbox):
+//! - [`broker`]: connections, topology, and the confirmed [`broker::Publisher`];
+//! - [`intake`]: the consume loop; decode, check, deduplicate, write to the inbox, acknowledge;
+//! - [`scheduler`]: one FIFO lane per container name, and the executor that runs a job and
+//!   settles it (its reply and its change committed together);
+//! - [`ops`]: one file per operation, and `ops::binds` for host directories;
 //! - [`progress`]: best-effort progress envelopes for requests that ask for them;
 //! - [`runtime`]: the apptainer adapter and the definition-file renderer;
-//! - [`store`]: SQLite (containers, inbox, outbox);
-//! - [`outbox`]: confirmed publishing of replies;
-//! - [`reconciler`]: compares the records with the instances apptainer runs;
+//! - [`store`]: SQLite, one file per table (containers, inbox, outbox);
+//! - [`outbox`]: drains committed replies through the publisher;
 //! - [`app`]: [`Worker`], which wires them together.
 //!
-//! Around them, for operators: [`check`] (`--check`), [`telemetry`] (logs), [`http`]
-//! (`/healthz`, `/readyz`, `/metrics`) and [`metrics`] (the names of what is counted).
+//! Around them, for operators: [`check`] (`--check`), [`reconciler`] (compares the records with
+//! the instances apptainer runs), [`http`] (`/healthz`, `/readyz`, `/metrics`). Beneath
+//! everything, the foundations: [`rules`] (every check of a request, and the one
+//! [`rules::Refusal`]), [`reply`] (the reply envelopes), [`metrics`] (the names of what is
+//! counted), [`telemetry`] (logs) and [`settings`] (flags and environment).
+//!
+//! Imports go one way only, down this order (`worker/tests/structure.rs` enforces it, with the
+//! same list): `app` > `http`, `check`, `reconciler` > `intake` > `scheduler` > `ops` >
+//! `progress` > `runtime` > `outbox` > `store` > `broker` > `rules`, `reply`, `metrics`,
+//! `telemetry` > `settings`. The operator surfaces look at the path from outside, so nothing on
+//! it needs them; the broker sits low because both ends of the path publish through it (the
+//! intake its refusals, the outbox its replies), and the store only borrows its backoff and
+//! reply address; the foundations know nothing of the path, so everything may use them.
 
 pub mod app;
 pub mod broker;
@@ -28,6 +39,7 @@ pub mod outbox;
 pub mod progress;
 pub mod reconciler;
 pub mod reply;
+pub mod rules;
 pub mod runtime;
 pub mod scheduler;
 pub mod settings;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use schemas::Stage;
 
-use crate::outbox::Publisher;
+use crate::broker::Publisher;
 use crate::reply::{to_body, ReplyHeader};
 use crate::store::{now_ms, ReplyTarget};
 

@@ -1,8 +1,7 @@
-//! Reply envelopes: what every answer looks like on the wire.
+//! Reply envelopes: what every answer looks like on the wire. A foundation: it knows the wire
+//! types, not the operations (the executor builds an operation's final reply from a header).
 
 use schemas::{ErrorCode, Op, Reply, ReplyError, Stage, PROGRESS_STATUS, PROTOCOL_VERSION};
-
-use crate::ops::{OpError, Outcome};
 
 /// Who answers, and about what: everything of a reply but the operation's result.
 #[derive(Debug, Clone)]
@@ -14,33 +13,6 @@ pub struct ReplyHeader {
 }
 
 impl ReplyHeader {
-    /// The final reply for a finished operation.
-    pub fn finish(
-        &self,
-        correlation_id: Option<&str>,
-        outcome: &Result<Outcome, OpError>,
-    ) -> Reply {
-        match outcome {
-            Ok(outcome) => Reply {
-                v: PROTOCOL_VERSION,
-                correlation_id: correlation_id.map(str::to_owned),
-                op: self.op,
-                container_name: self.container_name.clone(),
-                status: outcome.status,
-                ok: true,
-                is_final: true,
-                stage: None,
-                position: None,
-                result: outcome.result.clone(),
-                error: None,
-                warnings: outcome.warnings.clone(),
-                node: self.node.clone(),
-                duration_ms: self.duration_ms,
-            },
-            Err(error) => self.error(correlation_id, error.code, &error.message),
-        }
-    }
-
     /// A final error reply.
     pub fn error(&self, correlation_id: Option<&str>, code: ErrorCode, message: &str) -> Reply {
         Reply {

@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::outbox::{note_refusal, reconnect_backoff, Delivered, PublishError, Publisher};
+use crate::broker::{reconnect_backoff, Delivered, PublishError, Publisher};
+use crate::outbox;
 use crate::store::{ReplyTarget, Store};
 
 /// How many times moving a delivery to the dead-letter queue is tried (with backoff, about a
@@ -61,14 +62,14 @@ impl Answerer {
             return outcome.is_ok();
         }
         let [(target, body)] = replies;
-        let next = self.publisher.after_refusal(1);
-        note_refusal(&target, 1, next);
-        if let Err(e) = self.store.outbox_keep_refused(target, body, next).await {
-            tracing::error!(error = %e, "could not keep a refused reply for another attempt");
-            return false;
-        }
-        self.outbox_wake.notify_one();
-        true
+        outbox::keep_refused(
+            &self.store,
+            &self.publisher,
+            &self.outbox_wake,
+            target,
+            body,
+        )
+        .await
     }
 
     /// Publishes a reply on a task of its own, then acknowledges the delivery; if the reply

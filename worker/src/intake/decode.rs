@@ -8,24 +8,18 @@ use std::fmt;
 use schemas::{ErrorCode, Op, Request};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use super::validate;
+use crate::rules::request as validate;
+use crate::rules::{shorten, Refusal};
 
 /// A refused body: what the error reply says, and what the body said of itself (its `op` and a
 /// valid `container_name`), so the reply can name them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
-    pub code: ErrorCode,
-    pub message: String,
+    pub refusal: Refusal,
     pub op: Option<Op>,
     pub container_name: Option<String>,
 }
 
-/// Decodes and validates one request body.
-///
-/// Refused: a body over `max_body_bytes` (413); anything that is not one JSON object of a known
-/// operation with the right fields and types, invalid UTF-8, a key repeated in any object,
-/// nesting deeper than serde_json's limit of 128 (400); a value outside the rules of
-/// [`validate::check`] (400, or 403 for a protected container location).
 /// What a body says of itself, even when it is not a valid request: its operation and a valid
 /// container name, for the reply that refuses it.
 pub fn claimed(body: &[u8]) -> (Option<Op>, Option<String>) {
@@ -51,13 +45,21 @@ fn claims(body: Option<&serde_json::Value>) -> (Option<Op>, Option<String>) {
     (op, container_name)
 }
 
+/// Decodes and validates one request body.
+///
+/// Refused: a body over `max_body_bytes` (413); anything that is not one JSON object of a known
+/// operation with the right fields and types, invalid UTF-8, a key repeated in any object,
+/// nesting deeper than serde_json's limit of 128 (400); a value outside the rules of
+/// [`validate::check`] (400, or 403 for a protected container location).
 pub fn decode(body: &[u8], max_body_bytes: usize) -> Result<Request, Refused> {
     if body.len() > max_body_bytes {
         return Err(Refused {
-            code: ErrorCode::TooLarge,
-            message: format!(
-                "the request body has {} bytes; at most {max_body_bytes} are accepted",
-                body.len()
+            refusal: Refusal::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the request body has {} bytes; at most {max_body_bytes} are accepted",
+                    body.len()
+                ),
             ),
             op: None,
             container_name: None,
@@ -67,8 +69,7 @@ pub fn decode(body: &[u8], max_body_bytes: usize) -> Result<Request, Refused> {
     let refuse = |code: ErrorCode, message: String| {
         let (op, container_name) = claims(loose.as_ref());
         Refused {
-            code,
-            message,
+            refusal: Refusal::new(code, message),
             op,
             container_name,
         }
@@ -95,7 +96,7 @@ pub fn decode(body: &[u8], max_body_bytes: usize) -> Result<Request, Refused> {
     };
     match validate::check(&request) {
         Ok(()) => Ok(request),
-        Err(invalid) => Err(refuse(invalid.code, invalid.message)),
+        Err(refusal) => Err(refuse(refusal.code, refusal.message)),
     }
 }
 
@@ -156,7 +157,7 @@ impl<'de> Visitor<'de> for UniqueKeysVisitor {
             if let Some(key) = seen.replace(key) {
                 return Err(de::Error::custom(format_args!(
                     "the key {:?} appears more than once in one object",
-                    validate::shorten(&key)
+                    shorten(&key)
                 )));
             }
         }
@@ -196,7 +197,7 @@ fn unknown_operation(op: &str) -> String {
     let known: Vec<&str> = Op::ALL.iter().map(|op| op.as_str()).collect();
     format!(
         "unknown operation `{}`; the operations are {} (and removevolume, another name for deletevolume)",
-        validate::shorten(op),
+        shorten(op),
         known.join(", ")
     )
 }
@@ -220,7 +221,10 @@ mod tests {
     #[test]
     fn a_body_over_the_limit_is_too_large() {
         let body = br#"{"op":"getallcont"}"#;
-        assert_eq!(decode(body, 5).unwrap_err().code, ErrorCode::TooLarge);
+        assert_eq!(
+            decode(body, 5).unwrap_err().refusal.code,
+            ErrorCode::TooLarge
+        );
     }
 
     #[test]
@@ -231,11 +235,11 @@ mod tests {
             br#"{"op":"start","container_name":"a","container_image":"i","image_distributor":"docker","image_os":"o","image_version":"v","environment":{"A":"1","A":"2"}}"#,
         ] {
             let refused = refused(body);
-            assert_eq!(refused.code, ErrorCode::BadRequest);
+            assert_eq!(refused.refusal.code, ErrorCode::BadRequest);
             assert!(
-                refused.message.contains("more than once"),
+                refused.refusal.message.contains("more than once"),
                 "{}",
-                refused.message
+                refused.refusal.message
             );
         }
     }
@@ -247,9 +251,9 @@ mod tests {
         body.push_str(&"]".repeat(depth));
         let refused = refused(body.as_bytes());
         assert!(
-            refused.message.contains("recursion limit"),
+            refused.refusal.message.contains("recursion limit"),
             "{}",
-            refused.message
+            refused.refusal.message
         );
         let mut nested = r#"{"op":"getallcont","page":"#.to_owned();
         nested.push_str(&"{\"a\":".repeat(depth));
@@ -257,27 +261,32 @@ mod tests {
     }
 
     fn refused_code(body: &[u8]) -> ErrorCode {
-        refused(body).code
+        refused(body).refusal.code
     }
 
     #[test]
     fn invalid_utf8_is_refused() {
         let refused = refused(b"{\"op\":\"stop\",\"container_name\":\"nb\xff1\"}");
-        assert_eq!(refused.code, ErrorCode::BadRequest);
+        assert_eq!(refused.refusal.code, ErrorCode::BadRequest);
     }
 
     #[test]
     fn an_unknown_operation_is_named_and_the_operations_are_listed() {
         let refused = refused(br#"{"op":"getcnt","container_name":"nb1"}"#);
-        assert_eq!(refused.code, ErrorCode::BadRequest);
+        assert_eq!(refused.refusal.code, ErrorCode::BadRequest);
         assert!(
             refused
+                .refusal
                 .message
                 .contains("unknown operation `getcnt`; the operations are start, stop, restart,"),
             "{}",
-            refused.message
+            refused.refusal.message
         );
-        assert!(!refused.message.contains("variant"), "{}", refused.message);
+        assert!(
+            !refused.refusal.message.contains("variant"),
+            "{}",
+            refused.refusal.message
+        );
     }
 
     #[test]
@@ -286,9 +295,9 @@ mod tests {
         assert_eq!(refused.op, Some(Op::Deletevolume));
         assert_eq!(refused.container_name.as_deref(), Some("nb1"));
         assert!(
-            refused.message.contains("host_location"),
+            refused.refusal.message.contains("host_location"),
             "{}",
-            refused.message
+            refused.refusal.message
         );
     }
 }

@@ -19,9 +19,11 @@
 //! committed to the inbox in one transaction.
 
 mod answer;
+mod consume;
 mod decode;
-pub mod validate;
+mod envelope;
 
+pub use consume::{consume_until_cancelled, Drain, Readiness};
 pub use decode::{decode, Refused};
 
 use std::sync::Arc;
@@ -29,19 +31,21 @@ use std::time::Instant;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use schemas::{ErrorCode, Request, Stage, PROGRESS_HEADER};
+use lapin::types::AMQPValue;
+use schemas::{ErrorCode, Request, Stage};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::outbox::Publisher;
+use crate::broker::Publisher;
 use crate::progress::{Progress, Watcher};
 use crate::reply::{to_body, ReplyHeader};
-use crate::scheduler::{Job, JobKind, Scheduler, GLOBAL_LANE};
+use crate::rules::Refusal;
+use crate::scheduler::{lane_of, Job, JobKind, Scheduler};
 use crate::store::{now_ms, request_digest, Accepted, Offer, ReplyTarget, Store};
 use answer::Answerer;
+use envelope::{idempotency_key, Envelope};
 
 pub struct Intake {
     pub store: Store,
@@ -64,56 +68,6 @@ pub struct Intake {
     /// Cancelled when the drain deadline passes: replies still waiting for the broker are given
     /// up (their deliveries are redelivered to the next run).
     pub abort: CancellationToken,
-}
-
-/// What the intake reads from a delivery's properties.
-struct Envelope {
-    target: ReplyTarget,
-    /// The requester's idempotency key, when it set one.
-    message_id: Option<String>,
-    /// What identifies the message across redeliveries: its `message_id`, else a hash of its
-    /// correlation id and body (a correlation id alone may be a counter shared by clients).
-    identity: String,
-    /// When the request must have run by (unix ms), or why the deadline cannot be read.
-    deadline_ms: Result<Option<i64>, String>,
-    /// Whether the requester asked for progress envelopes (`x-progress: true`).
-    progress: bool,
-}
-
-impl Envelope {
-    fn read(delivery: &Delivery, default_reply_queue: &str) -> Self {
-        let properties = &delivery.properties;
-        let target = ReplyTarget {
-            reply_to: properties
-                .reply_to()
-                .as_ref()
-                .map(|q| q.as_str().to_owned())
-                .filter(|q| !q.is_empty())
-                .unwrap_or_else(|| default_reply_queue.to_owned()),
-            correlation_id: properties
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.as_str().to_owned()),
-        };
-        let message_id = properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.as_str().to_owned());
-        let identity = message_id.clone().unwrap_or_else(|| {
-            use std::hash::{Hash, Hasher};
-            let mut hasher = std::hash::DefaultHasher::new();
-            target.correlation_id.hash(&mut hasher);
-            delivery.data.hash(&mut hasher);
-            format!("body-{:016x}", hasher.finish())
-        });
-        Self {
-            target,
-            message_id,
-            identity,
-            deadline_ms: deadline_ms(properties),
-            progress: wants_progress(properties.headers().as_ref()),
-        }
-    }
 }
 
 /// A delivery taken apart by [`Intake::take`].
@@ -168,78 +122,6 @@ impl TakenWrite {
             },
         }
     }
-}
-
-/// The inbox key of a write request. `message_id` is the idempotency key: one key, one request.
-/// Without one, the correlation id is scoped by the request's digest: a redelivery of the same
-/// message is still recognised, while two different requests that share a correlation id (a
-/// counter some RPC clients restart from 1) are two requests. Without either, every delivery is
-/// a request of its own.
-fn idempotency_key(envelope: &Envelope, digest: &str) -> String {
-    match (&envelope.message_id, &envelope.target.correlation_id) {
-        (Some(message_id), _) => message_id.clone(),
-        (None, Some(correlation_id)) => format!("corr:{correlation_id}:{digest}"),
-        (None, None) => format!("anonymous-{}", uuid::Uuid::new_v4()),
-    }
-}
-
-/// The request's deadline: the AMQP `expiration` counted from its `timestamp` (or from now, when
-/// it has none), and the `x-deadline` header (RFC 3339); the earlier of the two. Hostile values
-/// never overflow: a `timestamp` past what milliseconds in an `i64` can hold is refused, and an
-/// expiration reaching past that end saturates to the latest deadline there is.
-fn deadline_ms(properties: &lapin::BasicProperties) -> Result<Option<i64>, String> {
-    let mut deadline: Option<i64> = None;
-    if let Some(expiration) = properties.expiration() {
-        let ttl: i64 = expiration
-            .as_str()
-            .parse()
-            .ok()
-            .filter(|ttl: &i64| *ttl >= 0)
-            .ok_or_else(|| {
-                format!(
-                    "the expiration property {:?} is not a number of milliseconds (0 to {}); send a smaller one or none",
-                    expiration.as_str(),
-                    i64::MAX
-                )
-            })?;
-        let sent = match properties.timestamp() {
-            None => crate::store::now_ms(),
-            Some(seconds) => i64::try_from(*seconds)
-                .ok()
-                .and_then(|s| s.checked_mul(1000))
-                .ok_or_else(|| {
-                    format!(
-                        "the timestamp property {seconds} is not a time in seconds since 1970 (at most {}); send the time the request was published, or none",
-                        i64::MAX / 1000
-                    )
-                })?,
-        };
-        deadline = Some(sent.saturating_add(ttl));
-    }
-    let header = properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get("x-deadline").cloned());
-    if let Some(value) = header {
-        let text = match value {
-            lapin::types::AMQPValue::LongString(s) => s.to_string(),
-            lapin::types::AMQPValue::ShortString(s) => s.as_str().to_owned(),
-            other => {
-                return Err(format!(
-                    "the x-deadline header must be an RFC 3339 time string, not {other:?}"
-                ))
-            }
-        };
-        let at = humantime::parse_rfc3339_weak(&text)
-            .or_else(|_| humantime::parse_rfc3339(&text))
-            .map_err(|e| format!("the x-deadline header {text:?} is not an RFC 3339 time: {e}"))?;
-        let at_ms = at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
-        deadline = Some(deadline.map_or(at_ms, |d| d.min(at_ms)));
-    }
-    Ok(deadline)
 }
 
 impl Intake {
@@ -302,8 +184,7 @@ impl Intake {
         }
         let decoded = match &envelope.deadline_ms {
             Err(message) => Err(Refused {
-                code: ErrorCode::BadRequest,
-                message: message.clone(),
+                refusal: Refusal::bad_request(message.clone()),
                 op: None,
                 container_name: None,
             }),
@@ -334,8 +215,7 @@ impl Intake {
         tracing::debug!(body = %String::from_utf8_lossy(&delivery.data), "request received");
         match decoded {
             Err(Refused {
-                code,
-                message,
+                refusal: Refusal { code, message },
                 op,
                 container_name,
             }) => {
@@ -641,28 +521,6 @@ fn key_reused_reply(node: &str, offer: &Offer) -> String {
     to_body(&reply)
 }
 
-/// Whether the delivery asked for progress envelopes: header `x-progress` set to boolean
-/// `true` (or, for clients that can only send strings, `"true"`).
-fn wants_progress(headers: Option<&FieldTable>) -> bool {
-    let Some(value) = headers.and_then(|h| h.inner().get(PROGRESS_HEADER)) else {
-        return false;
-    };
-    match value {
-        AMQPValue::Boolean(flag) => *flag,
-        AMQPValue::LongString(text) => text.as_bytes().eq_ignore_ascii_case(b"true"),
-        AMQPValue::ShortString(text) => text.as_str().eq_ignore_ascii_case("true"),
-        _ => false,
-    }
-}
-
-/// The lane a request runs in: its container's, or the global one.
-pub fn lane_of(request: &Request) -> String {
-    request
-        .container_name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|| GLOBAL_LANE.to_owned())
-}
-
 async fn ack(delivery: Delivery) {
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
         // The channel is gone; the broker redelivers, and deduplication answers it.
@@ -677,59 +535,5 @@ async fn requeue(delivery: Delivery) {
     };
     if let Err(e) = delivery.nack(options).await {
         tracing::warn!(error = %e, "could not return a delivery to the broker");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use lapin::types::{AMQPValue, FieldTable, LongString};
-
-    use super::{deadline_ms, wants_progress};
-
-    fn headers(value: AMQPValue) -> FieldTable {
-        let mut table = FieldTable::default();
-        table.insert(schemas::PROGRESS_HEADER.into(), value);
-        table
-    }
-
-    fn expiring(timestamp: Option<u64>, expiration: &str) -> lapin::BasicProperties {
-        let properties = lapin::BasicProperties::default().with_expiration(expiration.into());
-        match timestamp {
-            Some(seconds) => properties.with_timestamp(seconds),
-            None => properties,
-        }
-    }
-
-    #[test]
-    fn a_timestamp_too_large_to_be_a_time_is_refused_with_a_reason() {
-        let refused = deadline_ms(&expiring(Some(u64::MAX), "1000")).unwrap_err();
-        assert!(refused.contains("timestamp"), "{refused}");
-    }
-
-    #[test]
-    fn a_huge_expiration_means_a_deadline_as_late_as_can_be_not_an_overflow() {
-        let huge = i64::MAX.to_string();
-        assert_eq!(deadline_ms(&expiring(None, &huge)), Ok(Some(i64::MAX)));
-        let last_second = (i64::MAX / 1000) as u64;
-        assert_eq!(
-            deadline_ms(&expiring(Some(last_second), &huge)),
-            Ok(Some(i64::MAX))
-        );
-        let refused = deadline_ms(&expiring(None, "99999999999999999999")).unwrap_err();
-        assert!(refused.contains("expiration"), "{refused}");
-    }
-
-    #[test]
-    fn progress_is_sent_only_to_requests_that_ask_for_it() {
-        assert!(wants_progress(Some(&headers(AMQPValue::Boolean(true)))));
-        assert!(wants_progress(Some(&headers(AMQPValue::LongString(
-            LongString::from("true")
-        )))));
-        assert!(!wants_progress(Some(&headers(AMQPValue::Boolean(false)))));
-        assert!(!wants_progress(Some(&headers(AMQPValue::LongString(
-            LongString::from("yes")
-        )))));
-        assert!(!wants_progress(Some(&FieldTable::default())));
-        assert!(!wants_progress(None));
     }
 }

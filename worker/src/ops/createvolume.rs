@@ -3,7 +3,9 @@
 
 use schemas::{BindsResult, ErrorCode, Op, ReplyResult, VolumeRequest};
 
-use super::{check_container_location, registered, resolve_host_dir, OpContext, OpError, Outcome};
+use super::binds::{check_in_image, resolve_host_dir};
+use super::{registered, OpContext, OpError, Outcome};
+use crate::rules::request::check_container_location;
 use crate::store::Change;
 
 pub async fn execute(ctx: &OpContext, req: &VolumeRequest) -> Result<Outcome, OpError> {
@@ -19,16 +21,7 @@ pub async fn execute(ctx: &OpContext, req: &VolumeRequest) -> Result<Outcome, Op
         ));
     }
     let image = std::path::Path::new(&row.image_path);
-    if !ctx
-        .runtime
-        .is_dir_in_image(image, &req.container_location)
-        .await?
-    {
-        return Err(OpError::bad_request(format!(
-            "container location {} does not exist in the image of {name}",
-            req.container_location
-        )));
-    }
+    check_in_image(ctx, name, image, &req.container_location).await?;
     row.binds
         .insert(host.to_owned(), req.container_location.clone());
     let mut outcome = Outcome::new(

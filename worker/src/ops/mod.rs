@@ -5,6 +5,7 @@
 //! anything themselves and never see lapin types: the executor commits the change together with
 //! the reply, and tests call operations without a broker.
 
+mod binds;
 mod createvolume;
 mod deletecont;
 mod deletecontdata;
@@ -21,11 +22,8 @@ use std::sync::Arc;
 
 use schemas::{ContainerRecord, ErrorCode, Op, ReplyResult, Request, Stage};
 
-use crate::intake::validate::{
-    check_container_location, check_host_path, check_path_syntax, Invalid,
-};
 use crate::progress::Progress;
-use crate::runtime::{Bind, Runtime, RuntimeError};
+use crate::runtime::{Runtime, RuntimeError};
 pub use restore::converge_dead_instance;
 pub use start::abandon as abandon_start;
 
@@ -96,26 +94,12 @@ impl Outcome {
     }
 }
 
-/// A failed operation: a stable code and a sentence a person can act on.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct OpError {
-    pub code: ErrorCode,
-    pub message: String,
-}
+/// A failed operation has the shape of a refused request: a stable code and a sentence a
+/// person can act on. A refusal of the rules is an operation's error as it is (`From<Refusal>`
+/// is the identity); [`RuntimeError`] and [`StoreError`] convert below.
+pub type OpError = crate::rules::Refusal;
 
 impl OpError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::BadRequest, message)
-    }
-
     fn not_registered(name: &str) -> Self {
         Self::new(
             ErrorCode::NotFound,
@@ -187,80 +171,6 @@ pub fn record(row: &ContainerRow) -> ContainerRecord {
         binds: row.binds.clone(),
         volume_name: row.volume_name.clone(),
     }
-}
-
-impl From<Invalid> for OpError {
-    fn from(invalid: Invalid) -> Self {
-        Self::new(invalid.code, invalid.message)
-    }
-}
-
-/// Checks a host directory against the bind policy: absolute, free of the characters that
-/// separate apptainer bind specs, existing, and inside an allowed root once symlinks are
-/// resolved. Returns the resolved path, which is what apptainer is given; it is held to the
-/// same syntax, since a symlink's target can hold a `,` that would split the bind in two.
-fn resolve_host_dir(ctx: &OpContext, field: &str, location: &str) -> Result<PathBuf, OpError> {
-    check_host_path(field, location)?;
-    let resolved = std::fs::canonicalize(location).map_err(|_| {
-        OpError::bad_request(format!(
-            "{field} {location} does not exist on the host; create the directory first"
-        ))
-    })?;
-    if !resolved.is_dir() {
-        return Err(OpError::bad_request(format!(
-            "{field} {location} is not a directory"
-        )));
-    }
-    if !ctx.bind_roots.iter().any(|root| resolved.starts_with(root)) {
-        let roots: Vec<String> = ctx
-            .bind_roots
-            .iter()
-            .map(|r| r.display().to_string())
-            .collect();
-        return Err(OpError::new(
-            ErrorCode::Forbidden,
-            format!(
-                "{field} {location} is outside the directories binds may come from ({}); the operator sets them with --allowed-bind-roots",
-                roots.join(":")
-            ),
-        ));
-    }
-    let resolved_text = resolved.to_str().ok_or_else(|| {
-        OpError::bad_request(format!(
-            "{field} {location} resolves to a path that is not UTF-8"
-        ))
-    })?;
-    check_path_syntax(
-        &format!("{field} {location}, once resolved,"),
-        resolved_text,
-    )?;
-    Ok(resolved)
-}
-
-/// All binds of a container for `instance start`: the home volume, then the other binds, each
-/// host directory resolved again now (a symlink may have changed since it was recorded).
-fn instance_binds(
-    ctx: &OpContext,
-    volume_name: Option<&str>,
-    binds: &std::collections::BTreeMap<String, String>,
-) -> Result<Vec<Bind>, OpError> {
-    let mut all = Vec::with_capacity(binds.len() + 1);
-    if let Some(volume) = volume_name {
-        let host = resolve_host_dir(ctx, "volume_name", volume)?;
-        all.push(Bind {
-            host: host.display().to_string(),
-            container: ctx.home_mount.clone(),
-        });
-    }
-    for (host, container) in binds {
-        check_container_location(container)?;
-        let host = resolve_host_dir(ctx, "a host directory in binds", host)?;
-        all.push(Bind {
-            host: host.display().to_string(),
-            container: container.clone(),
-        });
-    }
-    Ok(all)
 }
 
 #[cfg(test)]

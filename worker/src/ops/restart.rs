@@ -2,7 +2,8 @@
 
 use schemas::{ErrorCode, Op, ReplyResult, Stage};
 
-use super::{instance_binds, record, registered, Attempt, OpContext, OpError, Outcome};
+use super::binds::instance_binds;
+use super::{record, registered, Attempt, OpContext, OpError, Outcome};
 use crate::store::Change;
 
 pub async fn execute(ctx: &OpContext, name: &str, attempt: Attempt) -> Result<Outcome, OpError> {

@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use super::{instance_binds, OpContext, OpError};
+use super::binds::instance_binds;
+use super::{OpContext, OpError};
 
 /// Records a dead instance as stopped or, when `restore` is set, starts it again with its stored
 /// binds. Does nothing if the container is no longer recorded as running or its instance is

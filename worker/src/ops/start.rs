@@ -6,7 +6,8 @@ use std::path::Path;
 
 use schemas::{ErrorCode, Op, ReplyResult, Stage, StartRequest};
 
-use super::{instance_binds, record, Attempt, OpContext, OpError, Outcome};
+use super::binds::instance_binds;
+use super::{record, Attempt, OpContext, OpError, Outcome};
 use crate::runtime::definition::Definition;
 use crate::store::{Change, ContainerRow};
 

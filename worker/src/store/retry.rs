@@ -20,7 +20,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = StoreResult<T>>,
 {
-    let mut delays = backon::BackoffBuilder::build(crate::outbox::reconnect_backoff());
+    let mut delays = backon::BackoffBuilder::build(crate::broker::reconnect_backoff());
     let mut failing_since: Option<Instant> = None;
     loop {
         match call().await {

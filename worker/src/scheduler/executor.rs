@@ -1,60 +1,19 @@
-//! The scheduler: one FIFO lane per container name, and the executor that runs a lane's jobs.
-//!
-//! Requests for one container run one at a time in arrival order; lanes of different containers
-//! run in parallel (apptainer processes are bounded separately, in the runtime). A lane exists
-//! only while it has work: the last job out removes it, so memory does not grow with the number
-//! of names ever seen. Total queued work is bounded by the intake's pending-request permits,
-//! which every job carries until it is done.
+//! The executor: runs a job's operation and settles it. A write's reply is committed to the
+//! outbox together with the operation's change (retried until written: the lane waits); a
+//! read's reply goes back to the intake. Below the lanes, above the operations.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
-use schemas::{ErrorCode, Reply, Request};
-use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
+use schemas::{ErrorCode, Reply, Request, PROTOCOL_VERSION};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::{Job, JobKind};
 use crate::ops::{self, Attempt, OpContext, OpError, Outcome};
 use crate::progress::Watcher;
 use crate::reply::{to_body, ReplyHeader};
 use crate::store::{now_ms, Change, ReplyTarget};
-
-/// Lane of requests that name no container (`getallcont`); no container name can be this.
-pub const GLOBAL_LANE: &str = "*";
-
-/// One unit of work in a lane.
-pub struct Job {
-    pub kind: JobKind,
-    /// Held until the job is done; bounds the work accepted but not finished.
-    pub permit: Option<OwnedSemaphorePermit>,
-    /// Where progress envelopes go, when the requester asked for them (writes only: a read
-    /// has no stage after `queued`, which the intake sends).
-    pub progress: Option<ReplyTarget>,
-    /// The request's span (correlation id, op, container, node): the job's logs carry it.
-    pub span: tracing::Span,
-}
-
-pub enum JobKind {
-    /// A write request in the inbox: its reply goes through the outbox.
-    Write {
-        request: Request,
-        seq: i64,
-        received_ms: i64,
-        deadline_ms: Option<i64>,
-    },
-    /// A read: its reply goes back to the intake, which publishes it and then acknowledges.
-    Read {
-        request: Request,
-        received: Instant,
-        deadline_ms: Option<i64>,
-        correlation_id: Option<String>,
-        reply: oneshot::Sender<Reply>,
-    },
-    /// The reconciler found the container's instance gone while it is recorded as running.
-    Reconcile { name: String },
-}
 
 /// Runs jobs: operations, then their commit with the reply.
 pub struct Executor {
@@ -71,7 +30,7 @@ pub struct Executor {
 }
 
 impl Executor {
-    async fn run(self: &Arc<Self>, job: Job) {
+    pub(super) async fn run(self: &Arc<Self>, job: Job) {
         let Job {
             kind,
             permit: _permit,
@@ -113,7 +72,7 @@ impl Executor {
                 let header = self.header(&request, received.elapsed().as_millis() as u64);
                 answered(&request, &outcome, header.duration_ms);
                 // The intake may have given up (shutdown); then the delivery is redelivered.
-                let _ = reply.send(header.finish(correlation_id.as_deref(), &outcome));
+                let _ = reply.send(final_reply(&header, correlation_id.as_deref(), &outcome));
             }
             JobKind::Reconcile { name } => {
                 if let Err(e) = ops::converge_dead_instance(&self.ctx, &name, self.restore).await {
@@ -171,7 +130,7 @@ impl Executor {
             tracing::info!(seq, op = %request.op(), code = ?e.code, "request failed: {}", e.message);
         }
         let reply_for =
-            move |correlation: Option<&str>| to_body(&header.finish(correlation, &outcome));
+            move |correlation: Option<&str>| to_body(&final_reply(&header, correlation, &outcome));
         if self.settle(seq, change, reply_for).await {
             self.outbox_wake.notify_one();
         }
@@ -284,100 +243,30 @@ fn deadline_passed(deadline_ms: Option<i64>) -> Option<OpError> {
     })
 }
 
-/// One container's requests: those waiting, and whether one of its jobs is running.
-#[derive(Default)]
-struct Lane {
-    waiting: VecDeque<Job>,
-    running: bool,
-}
-
-/// The lanes. Cheap to clone.
-#[derive(Clone)]
-pub struct Scheduler {
-    lanes: Arc<Mutex<HashMap<String, Lane>>>,
-    executor: Arc<Executor>,
-    tracker: TaskTracker,
-    /// Once cancelled, lanes start no new job; queued writes stay in the inbox for the next
-    /// start, queued reads are redelivered by the broker.
-    stopping: CancellationToken,
-}
-
-impl Scheduler {
-    pub fn new(executor: Executor, tracker: TaskTracker, stopping: CancellationToken) -> Self {
-        Self {
-            lanes: Arc::default(),
-            executor: Arc::new(executor),
-            tracker,
-            stopping,
-        }
-    }
-
-    /// Queues `job` at the end of lane `lane`, starting the lane if it was idle.
-    pub fn submit(&self, lane: &str, job: Job) {
-        let start_lane = {
-            let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-            match lanes.get_mut(lane) {
-                Some(queue) => {
-                    queue.waiting.push_back(job);
-                    false
-                }
-                None => {
-                    let queue = Lane {
-                        waiting: VecDeque::from([job]),
-                        running: false,
-                    };
-                    lanes.insert(lane.to_owned(), queue);
-                    true
-                }
-            }
-        };
-        if start_lane {
-            let this = self.clone();
-            let lane = lane.to_owned();
-            self.tracker.spawn(async move { this.drive(lane).await });
-        }
-    }
-
-    /// How many requests are ahead of one submitted to `lane` now: those waiting in it, plus
-    /// the one running (0: the lane is idle and the request runs at once).
-    pub fn position(&self, lane: &str) -> u32 {
-        let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        lanes.get(lane).map_or(0, |queue| {
-            u32::try_from(queue.waiting.len() + usize::from(queue.running)).unwrap_or(u32::MAX)
-        })
-    }
-
-    /// How many lanes have work, and the longest queue.
-    pub fn depth(&self) -> (usize, usize) {
-        let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        let longest = lanes.values().map(|l| l.waiting.len()).max().unwrap_or(0);
-        (lanes.len(), longest)
-    }
-
-    /// Runs a lane's jobs one after another until it is empty, then removes it. The job is taken
-    /// out and the empty lane removed under one lock, so a job submitted meanwhile either lands
-    /// in this lane's queue before the check or starts a new lane.
-    async fn drive(self, lane: String) {
-        loop {
-            let job = {
-                let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-                let queue = lanes.get_mut(&lane).expect("a driven lane exists");
-                let next = if self.stopping.is_cancelled() {
-                    None
-                } else {
-                    queue.waiting.pop_front()
-                };
-                queue.running = next.is_some();
-                if next.is_none() {
-                    lanes.remove(&lane);
-                }
-                next
-            };
-            match job {
-                Some(job) => self.executor.run(job).await,
-                None => return,
-            }
-        }
+/// The final reply for a finished operation.
+fn final_reply(
+    header: &ReplyHeader,
+    correlation_id: Option<&str>,
+    outcome: &Result<Outcome, OpError>,
+) -> Reply {
+    match outcome {
+        Ok(outcome) => Reply {
+            v: PROTOCOL_VERSION,
+            correlation_id: correlation_id.map(str::to_owned),
+            op: header.op,
+            container_name: header.container_name.clone(),
+            status: outcome.status,
+            ok: true,
+            is_final: true,
+            stage: None,
+            position: None,
+            result: outcome.result.clone(),
+            error: None,
+            warnings: outcome.warnings.clone(),
+            node: header.node.clone(),
+            duration_ms: header.duration_ms,
+        },
+        Err(error) => header.error(correlation_id, error.code, &error.message),
     }
 }
 
@@ -460,7 +349,8 @@ mod settling {
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
-    use super::{Executor, Job, JobKind, Scheduler};
+    use super::super::{Job, JobKind, Scheduler};
+    use super::Executor;
     use crate::ops::tests::{accepted, context, start, MemoryRuntime};
 
     /// A write job for `request`, as the intake submits it.

@@ -5,6 +5,10 @@
 //! multi-host routing lands (DESIGN.md, "Scale"), its exchanges and bindings belong in
 //! [`Broker::declare_topology`], and nowhere else.
 
+mod publisher;
+
+pub use publisher::{reconnect_backoff, Delivered, PublishError, Publisher, ReplyTarget};
+
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };

@@ -1,12 +1,14 @@
-//! Checks of request fields that need no disk or apptainer: the allow-lists and size limits that
-//! keep every value inside the place it is rendered into. Whether a host directory exists and
-//! where its symlinks lead is checked by the operations, which resolve it on the host.
+//! The rules of a whole request that need no disk or apptainer: the allow-lists and size limits
+//! that keep every value inside the place it is rendered into, and the syntax of bind paths.
+//! Whether a host directory exists and where its symlinks lead is checked by `ops::binds`, which
+//! resolves it on the host.
 
 use std::path::{Component, Path};
 
-use schemas::{ErrorCode, PageRequest, Request, StartRequest, VolumeRequest, PROTOCOL_VERSION};
+use schemas::{PageRequest, Request, StartRequest, VolumeRequest, PROTOCOL_VERSION};
 
-use crate::runtime::definition::{check_env_name, check_env_value, check_script_line};
+use super::script::{check_env_name, check_env_value, check_script_line};
+use super::{shorten, Refusal};
 
 /// Bootstrap agents a request may name. All of them take `From: <image>:<tag>`; agents that
 /// read host paths (`localimage`, `docker-archive`, `oci`, ...) are left out on purpose.
@@ -46,40 +48,11 @@ const PROTECTED_CONTAINER_PATHS: &[&str] = &[
 /// apptainer's own metadata (its environment scripts and start script live there).
 const PROTECTED_CONTAINER_TREES: &[&str] = &["/dev", "/proc", "/sys", "/.singularity.d"];
 
-/// A refused request: the status code and a sentence naming the field and the rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl Invalid {
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self {
-            code: ErrorCode::BadRequest,
-            message: message.into(),
-        }
-    }
-
-    pub fn forbidden(message: impl Into<String>) -> Self {
-        Self {
-            code: ErrorCode::Forbidden,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<String> for Invalid {
-    fn from(message: String) -> Self {
-        Self::bad_request(message)
-    }
-}
-
 /// Returns the first problem found.
-pub fn check(request: &Request) -> Result<(), Invalid> {
+pub fn check(request: &Request) -> Result<(), Refusal> {
     if let Some(v) = request.version() {
         if v != PROTOCOL_VERSION {
-            return Err(Invalid::bad_request(format!(
+            return Err(Refusal::bad_request(format!(
                 "protocol version {v} is not supported; this worker speaks version {PROTOCOL_VERSION}"
             )));
         }
@@ -98,9 +71,9 @@ pub fn check(request: &Request) -> Result<(), Invalid> {
     }
 }
 
-fn check_start(req: &StartRequest) -> Result<(), Invalid> {
+fn check_start(req: &StartRequest) -> Result<(), Refusal> {
     if !ALLOWED_DISTRIBUTORS.contains(&req.image_distributor.as_str()) {
-        return Err(Invalid::bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "image_distributor {:?} is not allowed; use one of {}",
             shorten(&req.image_distributor),
             ALLOWED_DISTRIBUTORS.join(", ")
@@ -116,14 +89,14 @@ fn check_start(req: &StartRequest) -> Result<(), Invalid> {
         c.is_ascii_alphanumeric() || "._@:+-".contains(c)
     })?;
     if req.container_command.len() > MAX_COMMAND_LINES {
-        return Err(Invalid::bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "container_command has {} lines; at most {MAX_COMMAND_LINES} are accepted",
             req.container_command.len()
         )));
     }
     for line in &req.container_command {
         if line.len() > MAX_LINE_LEN {
-            return Err(Invalid::bad_request(format!(
+            return Err(Refusal::bad_request(format!(
                 "a container_command line has {} bytes; at most {MAX_LINE_LEN} are accepted",
                 line.len()
             )));
@@ -131,7 +104,7 @@ fn check_start(req: &StartRequest) -> Result<(), Invalid> {
         check_script_line(line)?;
     }
     if req.environment.len() > MAX_ENVIRONMENT {
-        return Err(Invalid::bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "environment has {} variables; at most {MAX_ENVIRONMENT} are accepted",
             req.environment.len()
         )));
@@ -139,7 +112,7 @@ fn check_start(req: &StartRequest) -> Result<(), Invalid> {
     for (name, value) in &req.environment {
         check_env_name(name)?;
         if value.len() > MAX_LINE_LEN {
-            return Err(Invalid::bad_request(format!(
+            return Err(Refusal::bad_request(format!(
                 "the environment value of {name} has {} bytes; at most {MAX_LINE_LEN} are accepted",
                 value.len()
             )));
@@ -150,7 +123,7 @@ fn check_start(req: &StartRequest) -> Result<(), Invalid> {
         check_host_path("volume_name", volume)?;
     }
     if req.binds.len() > MAX_BINDS {
-        return Err(Invalid::bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "binds has {} entries; at most {MAX_BINDS} are accepted",
             req.binds.len()
         )));
@@ -162,22 +135,22 @@ fn check_start(req: &StartRequest) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn check_page(req: &PageRequest) -> Result<(), Invalid> {
+fn check_page(req: &PageRequest) -> Result<(), Refusal> {
     if req.page == Some(0) {
-        return Err(Invalid::bad_request("page counts from 1"));
+        return Err(Refusal::bad_request("page counts from 1"));
     }
     if req
         .page_size
         .is_some_and(|size| size == 0 || size > MAX_PAGE_SIZE)
     {
-        return Err(Invalid::bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "page_size must be 1 to {MAX_PAGE_SIZE}"
         )));
     }
     Ok(())
 }
 
-fn check_volume(req: &VolumeRequest, creating: bool) -> Result<(), Invalid> {
+fn check_volume(req: &VolumeRequest, creating: bool) -> Result<(), Refusal> {
     check_host_path("host_location", &req.host_location)?;
     if creating {
         check_container_location(&req.container_location)
@@ -190,14 +163,14 @@ fn check_reference(
     field: &str,
     value: &str,
     allowed: impl Fn(char) -> bool,
-) -> Result<(), Invalid> {
+) -> Result<(), Refusal> {
     if value.is_empty() || value.len() > MAX_REFERENCE_LEN {
-        return Err(Invalid::bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "{field} must be 1 to {MAX_REFERENCE_LEN} characters"
         )));
     }
     if let Some(bad) = value.chars().find(|c| !allowed(*c)) {
-        return Err(Invalid::bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "{field} {:?} contains {bad:?}, which an image reference cannot hold",
             shorten(value)
         )));
@@ -208,22 +181,22 @@ fn check_reference(
 /// A host directory as a request names it: absolute, and nothing apptainer's `--bind` parser
 /// reads as structure. The operations check the same rule again on the path once symlinks are
 /// resolved, since a symlink's target can hold any character.
-pub fn check_host_path(field: &str, location: &str) -> Result<(), Invalid> {
+pub fn check_host_path(field: &str, location: &str) -> Result<(), Refusal> {
     check_path_syntax(field, location)
 }
 
 /// A container directory for a new bind: absolute, normalised, and not a system directory (403).
-pub fn check_container_location(location: &str) -> Result<(), Invalid> {
+pub fn check_container_location(location: &str) -> Result<(), Refusal> {
     check_container_location_in("container_location", location)
 }
 
-fn check_container_location_in(field: &str, location: &str) -> Result<(), Invalid> {
+fn check_container_location_in(field: &str, location: &str) -> Result<(), Refusal> {
     check_path_syntax(field, location)?;
     let normalised = Path::new(location)
         .components()
         .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
     if !normalised || location.contains("//") || (location.len() > 1 && location.ends_with('/')) {
-        return Err(Invalid::bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "{field}: container location {:?} must be a normalised absolute path (no '.', '..', '//' or trailing '/')",
             shorten(location)
         )));
@@ -232,7 +205,7 @@ fn check_container_location_in(field: &str, location: &str) -> Result<(), Invali
         .iter()
         .any(|tree| Path::new(location).starts_with(tree));
     if in_protected_tree || PROTECTED_CONTAINER_PATHS.contains(&location) {
-        return Err(Invalid::forbidden(format!(
+        return Err(Refusal::forbidden(format!(
             "{field}: container location {location} is a system directory of the container and cannot be a bind target (refused: {}, and anything under {})",
             PROTECTED_CONTAINER_PATHS.join(" "),
             PROTECTED_CONTAINER_TREES.join(" ")
@@ -243,21 +216,21 @@ fn check_container_location_in(field: &str, location: &str) -> Result<(), Invali
 
 /// Absolute, at most [`MAX_PATH_LEN`] bytes, and free of what separates or escapes apptainer
 /// bind specifications (`:` `,` `\`) and of control characters.
-pub fn check_path_syntax(field: &str, location: &str) -> Result<(), Invalid> {
+pub fn check_path_syntax(field: &str, location: &str) -> Result<(), Refusal> {
     if location.len() > MAX_PATH_LEN {
-        return Err(Invalid::bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "{field} has {} bytes; at most {MAX_PATH_LEN} are accepted",
             location.len()
         )));
     }
     if !location.starts_with('/') {
-        return Err(Invalid::bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "{field} {:?} must be an absolute path",
             shorten(location)
         )));
     }
     if location.contains([':', ',', '\\']) || location.chars().any(char::is_control) {
-        return Err(Invalid::bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "{field} {:?} may not contain ':', ',', '\\' or control characters (they separate or escape apptainer bind specifications)",
             shorten(location)
         )));
@@ -265,18 +238,10 @@ pub fn check_path_syntax(field: &str, location: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// At most 80 characters of a value, for error messages: a refused 1 MiB value is not echoed.
-pub fn shorten(value: &str) -> String {
-    let mut short: String = value.chars().take(80).collect();
-    if short.len() < value.len() {
-        short.push('…');
-    }
-    short
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use schemas::ErrorCode;
     use serde_json::json;
 
     fn start(overrides: serde_json::Value) -> Request {
