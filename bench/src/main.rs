@@ -103,7 +103,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         );
         return Ok(true);
     }
-    let bins = procs::Binaries::next_to_bench()?;
+    let bins = procs::binaries_next_to_bench()?;
     let mut temp = tempfile::Builder::new();
     temp.prefix("orchestrator-bench-");
     let work = match &args.work_dir {

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures_lite::StreamExt;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -13,8 +12,8 @@ use orchestrator_producer::Publish;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_valid_reply, named, publish_raw, raw_client, spawn_worker, spawn_worker_with,
-    start_request, RawClient, TestWorker, WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
+    assert_valid_reply, named, raw_client, spawn_worker, spawn_worker_with, start_request,
+    TestWorker, WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
 };
 
 /// Publishes `body` with raw AMQP properties and awaits its reply on a queue of its own.
@@ -23,22 +22,12 @@ async fn call_with_properties(
     body: Value,
     properties: BasicProperties,
 ) -> schemas::Reply {
-    let RawClient {
-        connection,
-        channel,
-        reply_queue,
-        mut replies,
-    } = raw_client().await;
+    let mut raw = raw_client().await;
     let properties = properties.with_correlation_id(uuid::Uuid::new_v4().to_string().into());
-    publish_raw(&channel, &reply_queue, &worker.queue, &body, properties).await;
-    let delivery = tokio::time::timeout(REPLY_TIMEOUT, replies.next())
-        .await
-        .expect("a reply")
-        .unwrap()
-        .unwrap();
-    let reply: schemas::Reply = serde_json::from_slice(&delivery.data).unwrap();
+    raw.publish(&worker.queue, &body, properties).await;
+    let reply = raw.next_reply().await;
     assert_valid_reply(&reply);
-    let _ = connection.close(200, "done".into()).await;
+    let _ = raw.connection.close(200, "done".into()).await;
     reply
 }
 
@@ -336,7 +325,7 @@ async fn sigterm_lets_the_running_build_finish_the_queued_write_resume_and_the_q
     })
     .await;
 
-    let status = worker.terminate(Duration::from_secs(30));
+    let status = worker.terminate(Duration::from_secs(30)).await;
 
     assert!(
         status.success(),

@@ -165,7 +165,7 @@ async fn sigterm_ends_the_worker_within_the_drain_timeout_even_with_a_build_runn
 
     // 2 s of drain and the final flush, with a wide margin for a loaded machine; before the
     // fix the worker waited up to 30 s more for the build.
-    let status = worker.terminate(Duration::from_secs(20));
+    let status = worker.terminate(Duration::from_secs(20)).await;
 
     assert!(status.success(), "{status:?}\n{}", worker.log());
     assert!(
