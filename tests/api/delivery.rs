@@ -33,15 +33,9 @@ async fn reads_queued_behind_a_long_build_do_not_stop_other_containers_requests(
     })
     .await;
     let start = worker.send(start_request("slow"), Publish::default()).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !worker
-        .fake_calls_begun()
-        .iter()
-        .any(|argv| argv[0] == "build")
-    {
-        assert!(Instant::now() < deadline, "the build never began");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    worker
+        .wait_for_builds_begun(1, Duration::from_secs(30))
+        .await;
     let mut reads = Vec::new();
     for _ in 0..6 {
         reads.push(

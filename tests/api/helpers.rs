@@ -245,6 +245,21 @@ impl TestWorker {
             .collect()
     }
 
+    /// How many `build`s fake-apptainer has begun (finished or not).
+    pub fn builds_begun(&self) -> usize {
+        self.fake_calls_begun()
+            .iter()
+            .filter(|argv| argv.first().is_some_and(|a| a == "build"))
+            .count()
+    }
+
+    /// Waits (at most `limit`) until fake-apptainer has begun `count` builds.
+    pub async fn wait_for_builds_begun(&self, count: usize, limit: Duration) {
+        let what = format!("build number {count} beginning");
+        let every = Duration::from_millis(20);
+        poll_until(&what, limit, every, async || self.builds_begun() >= count).await;
+    }
+
     /// Instances fake-apptainer has running, as `instance list --json` reports them.
     pub fn running_instances(&self) -> Vec<String> {
         let output = Command::new(fake_bin())
@@ -411,6 +426,28 @@ impl RawClient {
             .unwrap()
             .unwrap();
         serde_json::from_slice(&delivery.data).unwrap()
+    }
+}
+
+/// Polls `check` every 100 ms until it holds; fails the test, naming `what`, after `limit`.
+pub async fn eventually(what: &str, limit: Duration, check: impl AsyncFnMut() -> bool) {
+    poll_until(what, limit, Duration::from_millis(100), check).await;
+}
+
+/// Polls `check` every `every` until it holds; fails the test, naming `what`, after `limit`.
+pub async fn poll_until(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not happen within {limit:?}"
+        );
+        tokio::time::sleep(every).await;
     }
 }
 
