@@ -33,7 +33,7 @@ struct Args {
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        default_value = orchestrator_producer::DEFAULT_AMQP_URL,
         hide_env_values = true
     )]
     amqp_url: String,

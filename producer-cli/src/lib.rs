@@ -27,6 +27,10 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use schemas;
 
+/// The broker URL when neither `--amqp-url` nor `AMQP_URL` is given (the worker's default):
+/// the local broker as guest, also what the tests and the benchmark use.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("could not reach the broker: {0}")]

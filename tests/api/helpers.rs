@@ -14,7 +14,8 @@ use orchestrator_producer::{Client, PendingReply, Publish};
 use schemas::Reply;
 use serde_json::Value;
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The broker every test uses: the local one, the worker's default.
+pub const AMQP_URL: &str = orchestrator_producer::DEFAULT_AMQP_URL;
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
