@@ -330,6 +330,22 @@ async fn a_missing_request_queue_exits_3_saying_the_worker_is_probably_not_runni
 }
 
 #[tokio::test]
+async fn a_missing_reply_queue_exits_3_saying_to_declare_it_or_leave_out_reply_to() {
+    let worker = spawn_worker().await;
+    let absent = format!("test.absent.{}", uuid::Uuid::new_v4().simple());
+
+    let output = run(&worker, &["--reply-to", &absent, "getcont", "nb1"]).await;
+
+    assert_exit(&output, 3, "a missing reply queue");
+    assert_stderr_contains(
+        &output,
+        &format!(
+            "the reply queue {absent} does not exist; declare it first, or leave out --reply-to"
+        ),
+    );
+}
+
+#[tokio::test]
 async fn with_the_worker_stopped_a_command_exits_3_at_once_and_sends_nothing() {
     // Arrange: the request queue exists (durable, as a worker left it) but nobody consumes it.
     let queue =
