@@ -294,7 +294,7 @@ pub async fn consumer_count(connection: &Connection, queue: &str) -> Result<u32,
 /// `queue` as the broker has it now (its message and consumer counts), or `None` when it does
 /// not exist: a passive declaration, on a channel of its own because a failed one closes its
 /// channel.
-async fn declared(connection: &Connection, queue: &str) -> Result<Option<Queue>, ClientError> {
+pub async fn declared(connection: &Connection, queue: &str) -> Result<Option<Queue>, ClientError> {
     let channel = connection.create_channel().await?;
     let declared = channel
         .queue_declare(

@@ -61,7 +61,7 @@ pub(crate) fn assert_stderr_contains(output: &Output, expected: &str) {
 struct ScratchQueue {
     name: String,
     channel: lapin::Channel,
-    _connection: lapin::Connection,
+    connection: lapin::Connection,
 }
 
 impl ScratchQueue {
@@ -84,23 +84,16 @@ impl ScratchQueue {
         Self {
             name,
             channel,
-            _connection: connection,
+            connection,
         }
     }
 
     /// Messages waiting in the queue.
     async fn depth(&self) -> u32 {
-        self.channel
-            .queue_declare(
-                self.name.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        orchestrator_producer::declared(&self.connection, &self.name)
             .await
             .unwrap()
+            .expect("the scratch queue exists")
             .message_count()
     }
 

@@ -221,29 +221,15 @@ async fn a_dead_letter_goes_to_a_redeclared_dead_letter_queue_when_it_was_delete
     let reply = pending.wait(REPLY_TIMEOUT).await.expect("a reply");
     assert_eq!(reply.status, 500, "{reply:?}");
     assert!(reply.error.unwrap().message.contains(&dead));
-    let check = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let declared = check
-        .create_channel()
+    let declared = orchestrator_producer::declared(&connection, &dead)
         .await
         .unwrap()
-        .queue_declare(
-            dead.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap_or_else(|e| {
+        .unwrap_or_else(|| {
             panic!(
-                "the dead-letter message was lost: {dead} does not exist ({e}); log:\n{}",
+                "the dead-letter message was lost: {dead} does not exist; log:\n{}",
                 worker.log()
             )
         });
     assert_eq!(declared.message_count(), 1, "the message is kept in {dead}");
-    let _ = check.close(200, "done".into()).await;
     let _ = connection.close(200, "done".into()).await;
 }
