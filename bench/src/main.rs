@@ -33,7 +33,7 @@ struct Args {
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        default_value = orchestrator_producer::DEFAULT_AMQP_URL,
         hide_env_values = true
     )]
     amqp_url: String,
@@ -103,7 +103,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         );
         return Ok(true);
     }
-    let bins = procs::Binaries::next_to_bench()?;
+    let bins = procs::binaries_next_to_bench()?;
     let mut temp = tempfile::Builder::new();
     temp.prefix("orchestrator-bench-");
     let work = match &args.work_dir {

@@ -1,14 +1,14 @@
 //! What the benchmark starts and stops: the worker binary against `fake-apptainer` as child
-//! processes (found next to the bench's own executable), the bulk seeding of a worker's store,
-//! and the broker-side checks (is the worker consuming yet).
+//! processes (found next to the bench's own executable, run through the shared
+//! `orchestrator_harness`, as the integration tests run it), and the bulk seeding of a
+//! worker's store.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use lapin::options::QueueDeleteOptions;
-use lapin::{Connection, ConnectionProperties};
+use orchestrator_harness::{self as harness, WorkerSetup};
+pub use orchestrator_harness::{delete_queues, Binaries};
 use orchestrator_worker::store::{ContainerRow, Store};
 
 /// How long a worker may take to start consuming before the run is abandoned.
@@ -16,43 +16,34 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a worker may take to stop after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The binaries the benchmark runs.
-#[derive(Debug, Clone)]
-pub struct Binaries {
-    pub worker: PathBuf,
-    pub fake: PathBuf,
-}
-
-impl Binaries {
-    /// `orchestrator-worker` and `fake-apptainer` from the bench's own directory, or an error
-    /// that says which build makes them.
-    pub fn next_to_bench() -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("could not locate the bench executable")?;
-        let dir = exe
-            .parent()
-            .context("the bench executable has no directory")?;
-        let found = Self {
-            worker: dir.join("orchestrator-worker"),
-            fake: dir.join("fake-apptainer"),
+/// `orchestrator-worker` and `fake-apptainer` from the bench's own directory, or an error
+/// that says which build makes them.
+pub fn binaries_next_to_bench() -> anyhow::Result<Binaries> {
+    let exe = std::env::current_exe().context("could not locate the bench executable")?;
+    let dir = exe
+        .parent()
+        .context("the bench executable has no directory")?;
+    let found = Binaries {
+        worker: dir.join("orchestrator-worker"),
+        fake: dir.join("fake-apptainer"),
+    };
+    let missing: Vec<String> = [&found.worker, &found.fake]
+        .into_iter()
+        .filter(|p| !p.is_file())
+        .map(|p| p.display().to_string())
+        .collect();
+    if !missing.is_empty() {
+        let release = if dir.ends_with("debug") {
+            ""
+        } else {
+            "--release "
         };
-        let missing: Vec<String> = [&found.worker, &found.fake]
-            .into_iter()
-            .filter(|p| !p.is_file())
-            .map(|p| p.display().to_string())
-            .collect();
-        if !missing.is_empty() {
-            let release = if dir.ends_with("debug") {
-                ""
-            } else {
-                "--release "
-            };
-            bail!(
-                "missing {}; build them with: cargo build {release}--workspace --bins",
-                missing.join(" and ")
-            );
-        }
-        Ok(found)
+        bail!(
+            "missing {}; build them with: cargo build {release}--workspace --bins",
+            missing.join(" and ")
+        );
     }
+    Ok(found)
 }
 
 /// How to run one worker.
@@ -66,11 +57,8 @@ pub struct WorkerSpec {
 /// One worker process and the directory it owns.
 pub struct WorkerProcess {
     pub queue: String,
-    pub reply_queue: String,
     pub dir: PathBuf,
-    child: Child,
-    amqp_url: String,
-    fake: PathBuf,
+    process: harness::WorkerProcess,
 }
 
 /// Where a worker under `dir` keeps its state database (the worker's `--data-dir` layout).
@@ -129,79 +117,36 @@ impl WorkerProcess {
         label: &str,
         spec: &WorkerSpec,
     ) -> anyhow::Result<Self> {
-        for sub in ["data/volumes", "apptainer"] {
-            std::fs::create_dir_all(dir.join(sub))?;
-        }
         let id = uuid::Uuid::new_v4().simple().to_string();
         let queue = format!("bench.{label}.{id}.requests");
         let reply_queue = format!("bench.{label}.{id}.replies");
-        let log = std::fs::File::create(dir.join("worker.log"))?;
-        let mut command = Command::new(&bins.worker);
-        command
-            .args(["--queue", &queue, "--reply-queue", &reply_queue])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(["--amqp-url", amqp_url])
-            .args(["--concurrency", &spec.concurrency.to_string()])
-            .env("APPTAINER_BIN", &bins.fake)
-            .env("APPTAINER_CONFIGDIR", dir.join("apptainer"))
-            .env("FAKE_APPTAINER_CONTROL", dir.join("fake.control"))
-            .env("FAKE_APPTAINER_LOG", dir.join("fake.log"))
-            // The worker passes apptainer only the variables it is told to.
-            .env("ORCHESTRATOR_APPTAINER_ENV", "FAKE_APPTAINER_*")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (key, value) in &spec.env {
-            command.env(key, value);
-        }
-        let child = command
-            .spawn()
+        let mut setup = WorkerSetup::new(amqp_url, dir, &queue, &reply_queue);
+        setup.concurrency = spec.concurrency;
+        setup.env = spec.env.clone();
+        let process = harness::WorkerProcess::start(bins, setup)
             .with_context(|| format!("could not start {}", bins.worker.display()))?;
         Ok(Self {
             queue,
-            reply_queue,
             dir: dir.to_owned(),
-            child,
-            amqp_url: amqp_url.to_owned(),
-            fake: bins.fake.clone(),
+            process,
         })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid().expect("the worker runs until stopped")
     }
 
     /// Polls the request queue's consumer count until the worker consumes; returns how long
     /// that took from `since`.
     pub async fn wait_until_consuming(&mut self, since: Instant) -> anyhow::Result<Duration> {
-        let connection = Connection::connect(&self.amqp_url, ConnectionProperties::default())
+        match self
+            .process
+            .wait_until_consuming(READY_TIMEOUT, Duration::from_millis(5))
             .await
-            .context("could not reach the broker")?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let result = loop {
-            if let Some(status) = self.child.try_wait()? {
-                break Err(anyhow::anyhow!(
-                    "the worker exited with {status}; its log:\n{}",
-                    self.log_tail()
-                ));
-            }
-            if orchestrator_producer::consumer_count(&connection, &self.queue)
-                .await
-                .is_ok_and(|consumers| consumers > 0)
-            {
-                break Ok(since.elapsed());
-            }
-            if Instant::now() > deadline {
-                break Err(anyhow::anyhow!(
-                    "the worker did not consume within {READY_TIMEOUT:?}; its log:\n{}",
-                    self.log_tail()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        let _ = connection.close(200, "ready".into()).await;
-        result
+        {
+            Ok(()) => Ok(since.elapsed()),
+            Err(e) => bail!("{e}; its log:\n{}", self.process.log_tail(20)),
+        }
     }
 
     /// The worker's resident memory (VmRSS), in MiB.
@@ -217,8 +162,7 @@ impl WorkerProcess {
 
     /// Changes fake-apptainer's behaviour for the calls the worker makes from now on.
     pub fn control_fake(&self, lines: &[&str]) -> anyhow::Result<()> {
-        std::fs::write(self.dir.join("fake.control"), lines.join("\n"))?;
-        Ok(())
+        Ok(self.process.control_fake(lines)?)
     }
 
     /// Whether fake-apptainer has begun a `build` (its log has a line for one).
@@ -228,55 +172,12 @@ impl WorkerProcess {
             .unwrap_or(false)
     }
 
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("worker.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
     /// Stops the worker (SIGTERM, then SIGKILL after a deadline), stops every instance it
     /// started and deletes its queues.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while self.child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = Command::new(&self.fake)
-            .args(["instance", "stop", "--all", "--force"])
-            .env("APPTAINER_CONFIGDIR", self.dir.join("apptainer"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        // The worker declares its dead-letter queue next to the request queue.
-        let dead_letter = schemas::dead_letter_queue(&self.queue);
-        delete_queues(
-            &self.amqp_url,
-            &[&self.queue, &self.reply_queue, &dead_letter],
-        )
-        .await;
+        self.process.terminate(STOP_TIMEOUT).await?;
+        self.process.stop_instances();
+        self.process.delete_queues().await;
         Ok(())
     }
-}
-
-/// Deletes queues, ignoring failures (they may be gone already).
-pub async fn delete_queues(amqp_url: &str, queues: &[&str]) {
-    let Ok(connection) = Connection::connect(amqp_url, ConnectionProperties::default()).await
-    else {
-        return;
-    };
-    if let Ok(channel) = connection.create_channel().await {
-        for queue in queues {
-            let _ = channel
-                .queue_delete((*queue).into(), QueueDeleteOptions::default())
-                .await;
-        }
-    }
-    let _ = connection.close(200, "bench done".into()).await;
 }

@@ -21,11 +21,15 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Queue};
 use schemas::{Reply, Request, PROGRESS_HEADER};
 use tokio::sync::{mpsc, oneshot};
 
 pub use schemas;
+
+/// The broker URL when neither `--amqp-url` nor `AMQP_URL` is given (the worker's default):
+/// the local broker as guest, also what the tests and the benchmark use.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -108,20 +112,9 @@ impl Client {
         let shared = reply_queue.is_some();
         let reply_queue = match reply_queue {
             Some(name) => {
-                // A passive declaration fails (and closes the channel) when the queue is missing.
-                let probe = connection.create_channel().await?;
-                probe
-                    .queue_declare(
-                        name.into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|_| ClientError::NoReplyQueue(name.to_owned()))?;
-                let _ = probe.close(200, "probed".into()).await;
+                declared(&connection, name)
+                    .await?
+                    .ok_or_else(|| ClientError::NoReplyQueue(name.to_owned()))?;
                 name.to_owned()
             }
             None => channel
@@ -292,7 +285,16 @@ pub async fn publish_confirmed(
 /// How many consumers `queue` has now ([`ClientError::NoRequestQueue`] when it does not exist).
 /// A worker is ready once its request queue has one.
 pub async fn consumer_count(connection: &Connection, queue: &str) -> Result<u32, ClientError> {
-    // On a channel of its own: a failed passive declaration closes its channel.
+    let declared = declared(connection, queue)
+        .await?
+        .ok_or_else(|| ClientError::NoRequestQueue(queue.to_owned()))?;
+    Ok(declared.consumer_count())
+}
+
+/// `queue` as the broker has it now (its message and consumer counts), or `None` when it does
+/// not exist: a passive declaration, on a channel of its own because a failed one closes its
+/// channel.
+pub async fn declared(connection: &Connection, queue: &str) -> Result<Option<Queue>, ClientError> {
     let channel = connection.create_channel().await?;
     let declared = channel
         .queue_declare(
@@ -303,10 +305,14 @@ pub async fn consumer_count(connection: &Connection, queue: &str) -> Result<u32,
             },
             FieldTable::default(),
         )
-        .await
-        .map_err(|_| ClientError::NoRequestQueue(queue.to_owned()))?;
-    let _ = channel.close(200, "probed".into()).await;
-    Ok(declared.consumer_count())
+        .await;
+    match declared {
+        Ok(queue) => {
+            let _ = channel.close(200, "probed".into()).await;
+            Ok(Some(queue))
+        }
+        Err(_) => Ok(None),
+    }
 }
 
 /// Hands an arriving envelope to the call awaiting its correlation id: a progress envelope to

@@ -14,9 +14,7 @@ use futures_lite::StreamExt;
 use lapin::BasicProperties;
 use serde_json::{json, Value};
 
-use crate::helpers::{
-    named, publish_raw, raw_client, spawn_worker_with, start_request, RawClient, WorkerOptions,
-};
+use crate::helpers::{named, raw_client, spawn_worker_with, start_request, WorkerOptions};
 
 const CONTAINERS: usize = 50;
 const REQUESTS: usize = 1000;
@@ -173,12 +171,8 @@ async fn killed_at_random_moments_the_worker_loses_nothing_and_runs_nothing_twic
     }
 
     // Collect every reply that arrives, duplicates included.
-    let RawClient {
-        connection: _connection,
-        channel,
-        reply_queue,
-        replies: mut consumer,
-    } = raw_client().await;
+    let raw = raw_client().await;
+    let mut consumer = raw.replies.clone();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
@@ -209,7 +203,7 @@ async fn killed_at_random_moments_the_worker_loses_nothing_and_runs_nothing_twic
         }
         let properties =
             BasicProperties::default().with_correlation_id(correlation.as_str().into());
-        publish_raw(&channel, &reply_queue, &worker.queue, body, properties).await;
+        raw.publish(&worker.queue, body, properties).await;
         tokio::time::sleep(pause).await;
     }
     while !kill_at.is_empty() {

@@ -61,7 +61,7 @@ pub(crate) fn assert_stderr_contains(output: &Output, expected: &str) {
 struct ScratchQueue {
     name: String,
     channel: lapin::Channel,
-    _connection: lapin::Connection,
+    connection: lapin::Connection,
 }
 
 impl ScratchQueue {
@@ -84,23 +84,16 @@ impl ScratchQueue {
         Self {
             name,
             channel,
-            _connection: connection,
+            connection,
         }
     }
 
     /// Messages waiting in the queue.
     async fn depth(&self) -> u32 {
-        self.channel
-            .queue_declare(
-                self.name.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        orchestrator_producer::declared(&self.connection, &self.name)
             .await
             .unwrap()
+            .expect("the scratch queue exists")
             .message_count()
     }
 
@@ -327,6 +320,22 @@ async fn a_missing_request_queue_exits_3_saying_the_worker_is_probably_not_runni
 
     assert_exit(&output, 3, "a missing request queue");
     assert_stderr_contains(&output, "the worker is probably not running");
+}
+
+#[tokio::test]
+async fn a_missing_reply_queue_exits_3_saying_to_declare_it_or_leave_out_reply_to() {
+    let worker = spawn_worker().await;
+    let absent = format!("test.absent.{}", uuid::Uuid::new_v4().simple());
+
+    let output = run(&worker, &["--reply-to", &absent, "getcont", "nb1"]).await;
+
+    assert_exit(&output, 3, "a missing reply queue");
+    assert_stderr_contains(
+        &output,
+        &format!(
+            "the reply queue {absent} does not exist; declare it first, or leave out --reply-to"
+        ),
+    );
 }
 
 #[tokio::test]

@@ -15,8 +15,8 @@ use orchestrator_producer::Publish;
 use serde_json::json;
 
 use crate::helpers::{
-    free_loopback_port, named, publish_raw, raw_client, spawn_worker_with, start_request,
-    RawClient, WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
+    free_loopback_port, named, raw_client, spawn_worker_with, start_request, RawClient,
+    WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
 };
 use crate::http::wait_for_sample;
 
@@ -33,15 +33,9 @@ async fn reads_queued_behind_a_long_build_do_not_stop_other_containers_requests(
     })
     .await;
     let start = worker.send(start_request("slow"), Publish::default()).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !worker
-        .fake_calls_begun()
-        .iter()
-        .any(|argv| argv[0] == "build")
-    {
-        assert!(Instant::now() < deadline, "the build never began");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    worker
+        .wait_for_builds_begun(1, Duration::from_secs(30))
+        .await;
     let mut reads = Vec::new();
     for _ in 0..6 {
         reads.push(
@@ -86,8 +80,8 @@ async fn reads_queued_behind_a_long_build_do_not_stop_other_containers_requests(
 }
 
 /// Declares a reply queue that refuses publishes (`x-overflow=reject-publish`, one message at
-/// most) and fills it; exclusive to `channel`'s connection, so it goes with the test.
-async fn full_reply_queue(channel: &lapin::Channel) -> String {
+/// most) and fills it; exclusive to `raw`'s connection, so it goes with the test.
+async fn full_reply_queue(raw: &RawClient) -> String {
     let name = format!("test.full.{}", uuid::Uuid::new_v4().simple());
     let mut arguments = FieldTable::default();
     arguments.insert(
@@ -95,7 +89,7 @@ async fn full_reply_queue(channel: &lapin::Channel) -> String {
         AMQPValue::LongString("reject-publish".into()),
     );
     arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-    channel
+    raw.channel
         .queue_declare(
             name.as_str().into(),
             QueueDeclareOptions {
@@ -106,14 +100,8 @@ async fn full_reply_queue(channel: &lapin::Channel) -> String {
         )
         .await
         .unwrap();
-    publish_raw(
-        channel,
-        &name,
-        &name,
-        &json!({"filler": true}),
-        BasicProperties::default(),
-    )
-    .await;
+    raw.publish(&name, &json!({"filler": true}), BasicProperties::default())
+        .await;
     name
 }
 
@@ -131,12 +119,8 @@ async fn a_reply_queue_that_refuses_publishes_delays_no_one_else() {
         ..WorkerOptions::default()
     })
     .await;
-    let RawClient {
-        connection,
-        channel,
-        ..
-    } = raw_client().await;
-    let full = full_reply_queue(&channel).await;
+    let raw = raw_client().await;
+    let full = full_reply_queue(&raw).await;
     let to_full = || Publish {
         reply_to: Some(full.clone()),
         ..Publish::default()
@@ -164,7 +148,7 @@ async fn a_reply_queue_that_refuses_publishes_delays_no_one_else() {
     // Assert: both refused replies are set aside and counted; the worker keeps serving.
     wait_for_sample(&worker, port, "orchestrator_replies_set_aside_total", 2.0).await;
     assert_eq!(worker.call(named("getcont", "other")).await.status, 200);
-    let _ = connection.close(200, "done".into()).await;
+    let _ = raw.connection.close(200, "done".into()).await;
 }
 
 #[tokio::test]
@@ -177,21 +161,14 @@ async fn a_dead_letter_goes_to_a_redeclared_dead_letter_queue_when_it_was_delete
     })
     .await;
     worker.kill();
-    let RawClient {
-        connection,
-        channel,
-        reply_queue,
-        mut replies,
-    } = raw_client().await;
-    let properties = BasicProperties::default().with_correlation_id("poison".into());
-    publish_raw(
-        &channel,
-        &reply_queue,
-        &worker.queue,
-        &named("getcont", "ghost"),
-        properties,
-    )
-    .await;
+    let poison = Publish {
+        correlation_id: Some("poison".into()),
+        ..Publish::default()
+    };
+    let pending = worker.send(named("getcont", "ghost"), poison).await;
+    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
     let holder = connection.create_channel().await.unwrap();
     holder
         .basic_qos(1, BasicQosOptions::default())
@@ -241,37 +218,18 @@ async fn a_dead_letter_goes_to_a_redeclared_dead_letter_queue_when_it_was_delete
         .unwrap();
 
     // Assert: answered, and the message is in the dead-letter queue, declared again.
-    let reply = tokio::time::timeout(REPLY_TIMEOUT, replies.next())
-        .await
-        .expect("a reply")
-        .unwrap()
-        .unwrap();
-    let reply: schemas::Reply = serde_json::from_slice(&reply.data).unwrap();
+    let reply = pending.wait(REPLY_TIMEOUT).await.expect("a reply");
     assert_eq!(reply.status, 500, "{reply:?}");
     assert!(reply.error.unwrap().message.contains(&dead));
-    let check = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let declared = check
-        .create_channel()
+    let declared = orchestrator_producer::declared(&connection, &dead)
         .await
         .unwrap()
-        .queue_declare(
-            dead.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap_or_else(|e| {
+        .unwrap_or_else(|| {
             panic!(
-                "the dead-letter message was lost: {dead} does not exist ({e}); log:\n{}",
+                "the dead-letter message was lost: {dead} does not exist; log:\n{}",
                 worker.log()
             )
         });
     assert_eq!(declared.message_count(), 1, "the message is kept in {dead}");
-    let _ = check.close(200, "done".into()).await;
     let _ = connection.close(200, "done".into()).await;
 }

@@ -3,9 +3,8 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use futures_lite::StreamExt;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -13,8 +12,8 @@ use orchestrator_producer::Publish;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_valid_reply, named, publish_raw, raw_client, spawn_worker, spawn_worker_with,
-    start_request, RawClient, TestWorker, WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
+    assert_valid_reply, eventually, named, raw_client, spawn_worker, spawn_worker_with,
+    start_request, TestWorker, WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
 };
 
 /// Publishes `body` with raw AMQP properties and awaits its reply on a queue of its own.
@@ -23,22 +22,12 @@ async fn call_with_properties(
     body: Value,
     properties: BasicProperties,
 ) -> schemas::Reply {
-    let RawClient {
-        connection,
-        channel,
-        reply_queue,
-        mut replies,
-    } = raw_client().await;
+    let mut raw = raw_client().await;
     let properties = properties.with_correlation_id(uuid::Uuid::new_v4().to_string().into());
-    publish_raw(&channel, &reply_queue, &worker.queue, &body, properties).await;
-    let delivery = tokio::time::timeout(REPLY_TIMEOUT, replies.next())
-        .await
-        .expect("a reply")
-        .unwrap()
-        .unwrap();
-    let reply: schemas::Reply = serde_json::from_slice(&delivery.data).unwrap();
+    raw.publish(&worker.queue, &body, properties).await;
+    let reply = raw.next_reply().await;
     assert_valid_reply(&reply);
-    let _ = connection.close(200, "done".into()).await;
+    let _ = raw.connection.close(200, "done".into()).await;
     reply
 }
 
@@ -93,17 +82,6 @@ fn glob_one(pattern: &std::path::Path) -> PathBuf {
             .next()
             .unwrap_or_else(|| panic!("nothing matches {text}")),
     )
-}
-
-async fn eventually(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test]
@@ -328,15 +306,11 @@ async fn sigterm_lets_the_running_build_finish_the_queued_write_resume_and_the_q
     let read = worker
         .send(named("getcont", "drain"), Publish::default())
         .await;
-    eventually("the build beginning", Duration::from_secs(20), async || {
-        worker
-            .fake_calls_begun()
-            .iter()
-            .any(|argv| argv[0] == "build")
-    })
-    .await;
+    worker
+        .wait_for_builds_begun(1, Duration::from_secs(20))
+        .await;
 
-    let status = worker.terminate(Duration::from_secs(30));
+    let status = worker.terminate(Duration::from_secs(30)).await;
 
     assert!(
         status.success(),
@@ -455,15 +429,9 @@ async fn a_request_interrupted_too_often_is_given_up_with_500() {
         .send(start_request("poison"), Publish::default())
         .await;
     for round in 1..=2 {
-        eventually("the build beginning", Duration::from_secs(30), async || {
-            worker
-                .fake_calls_begun()
-                .iter()
-                .filter(|argv| argv[0] == "build")
-                .count()
-                >= round
-        })
-        .await;
+        worker
+            .wait_for_builds_begun(round, Duration::from_secs(30))
+            .await;
         worker.kill();
         worker.restart().await;
     }

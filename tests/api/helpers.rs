@@ -2,18 +2,20 @@
 //! `fake-apptainer`, with its own queues, data directory and fake state.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use orchestrator_harness::{Binaries, WorkerProcess, WorkerSetup};
 use orchestrator_producer::{Client, PendingReply, Publish};
 use schemas::Reply;
 use serde_json::Value;
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The broker every test uses: the local one, the worker's default.
+pub const AMQP_URL: &str = orchestrator_producer::DEFAULT_AMQP_URL;
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -23,6 +25,13 @@ pub fn worker_bin() -> &'static str {
 
 pub fn fake_bin() -> &'static str {
     env!("CARGO_BIN_EXE_fake-apptainer")
+}
+
+fn binaries() -> Binaries {
+    Binaries {
+        worker: worker_bin().into(),
+        fake: fake_bin().into(),
+    }
 }
 
 /// The reply schema, compiled once.
@@ -70,8 +79,7 @@ pub struct TestWorker {
     pub reply_queue: String,
     pub dir: tempfile::TempDir,
     pub client: Client,
-    options: WorkerOptions,
-    child: Option<Child>,
+    process: WorkerProcess,
 }
 
 pub async fn spawn_worker() -> TestWorker {
@@ -85,77 +93,38 @@ pub async fn spawn_worker_with(options: WorkerOptions) -> TestWorker {
         .tempdir()
         .unwrap();
     std::fs::create_dir_all(dir.path().join("data/volumes")).unwrap();
-    std::fs::create_dir_all(dir.path().join("apptainer")).unwrap();
-    if let Some(data) = &options.data_dir {
-        std::fs::create_dir_all(data.join("volumes")).unwrap();
-    }
     let queue = format!("test.requests.{id}");
     let reply_queue = format!("test.replies.{id}");
     let node = format!("test-{id}");
-    let child = start_process(dir.path(), &node, &queue, &reply_queue, &options);
+    let mut setup = WorkerSetup::new(AMQP_URL, dir.path(), &queue, &reply_queue);
+    setup.node = Some(node.clone());
+    setup.data_dir = match (options.data_dir, options.relative_data_dir) {
+        (Some(data), _) => data,
+        (None, true) => PathBuf::from("data"),
+        (None, false) => dir.path().join("data"),
+    };
+    setup.concurrency = options.concurrency.unwrap_or(4);
+    setup.args = options.args;
+    setup.env = [("RUST_LOG".to_owned(), "info,lapin=warn".to_owned())]
+        .into_iter()
+        .chain(options.env)
+        .collect();
+    let process = WorkerProcess::start(&binaries(), setup).expect("the worker binary starts");
     let mut worker = TestWorker {
         node,
         client: Client::connect(AMQP_URL, &queue).await.unwrap(),
         queue,
         reply_queue,
         dir,
-        options,
-        child: Some(child),
+        process,
     };
     worker.wait_until_consuming().await;
     worker
 }
 
-fn start_process(
-    dir: &Path,
-    node: &str,
-    queue: &str,
-    reply_queue: &str,
-    options: &WorkerOptions,
-) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("worker.log"))
-        .unwrap();
-    let mut command = Command::new(worker_bin());
-    command
-        .args(["--queue", queue, "--reply-queue", reply_queue])
-        .args(["--node", node])
-        .arg("--data-dir")
-        .arg(match (&options.data_dir, options.relative_data_dir) {
-            (Some(data), _) => data.clone(),
-            (None, true) => PathBuf::from("data"),
-            (None, false) => dir.join("data"),
-        })
-        .current_dir(dir)
-        .args(&options.args)
-        .args(["--amqp-url", AMQP_URL])
-        .args([
-            "--concurrency",
-            &options.concurrency.unwrap_or(4).to_string(),
-        ])
-        .env("APPTAINER_BIN", fake_bin())
-        .env("APPTAINER_CONFIGDIR", dir.join("apptainer"))
-        .env("FAKE_APPTAINER_LOG", dir.join("fake.log"))
-        .env("FAKE_APPTAINER_CONTROL", dir.join("fake.control"))
-        .env("ORCHESTRATOR_APPTAINER_ENV", "FAKE_APPTAINER_*")
-        .env("RUST_LOG", "info,lapin=warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    for (key, value) in &options.env {
-        command.env(key, value);
-    }
-    command.spawn().expect("the worker binary starts")
-}
-
 impl TestWorker {
     pub fn data_dir(&self) -> PathBuf {
-        self.options
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| self.dir.path().join("data"))
+        self.dir.path().join(&self.process.setup.data_dir)
     }
 
     /// A new directory under the default allowed bind root.
@@ -168,79 +137,43 @@ impl TestWorker {
     /// Changes fake-apptainer's behaviour for the calls the worker makes from now on
     /// (`FAIL=build`, `DELAY_MS=build=2000`, ...); an empty slice restores normal behaviour.
     pub fn control_fake(&self, lines: &[&str]) {
-        std::fs::write(self.dir.path().join("fake.control"), lines.join("\n")).unwrap();
+        self.process.control_fake(lines).unwrap();
     }
 
     /// Waits until the worker's consumer is registered on the request queue.
     async fn wait_until_consuming(&mut self) {
-        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        if let Err(e) = self
+            .process
+            .wait_until_consuming(READY_TIMEOUT, Duration::from_millis(50))
             .await
-            .unwrap();
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("the worker exited with {status}; log:\n{}", self.log());
-            }
-            if orchestrator_producer::consumer_count(&connection, &self.queue)
-                .await
-                .is_ok_and(|consumers| consumers > 0)
-            {
-                let _ = connection.close(200, "ready".into()).await;
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the worker did not start consuming; log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        {
+            panic!("{e}; log:\n{}", self.log());
         }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default()
+        self.process.log()
     }
 
     /// Kills the worker process at once (SIGKILL): no drain, no flush.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
+        self.process.kill();
     }
 
     /// Sends SIGTERM and waits (at most `limit`) for the worker to exit; returns its status.
-    pub fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("the worker is running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "the worker did not exit within {limit:?} of SIGTERM; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    pub async fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        match self.process.terminate(limit).await.unwrap() {
+            Some(status) => status,
+            None => panic!(
+                "the worker did not exit within {limit:?} of SIGTERM; log:\n{}",
+                self.log()
+            ),
         }
     }
 
     /// Starts the worker again on the same queues, data directory and fake state.
     pub async fn restart(&mut self) {
-        assert!(self.child.is_none(), "kill the worker first");
-        self.child = Some(start_process(
-            self.dir.path(),
-            &self.node,
-            &self.queue,
-            &self.reply_queue,
-            &self.options,
-        ));
+        self.process.restart().expect("kill the worker first");
         self.wait_until_consuming().await;
     }
 
@@ -313,6 +246,21 @@ impl TestWorker {
             .collect()
     }
 
+    /// How many `build`s fake-apptainer has begun (finished or not).
+    pub fn builds_begun(&self) -> usize {
+        self.fake_calls_begun()
+            .iter()
+            .filter(|argv| argv.first().is_some_and(|a| a == "build"))
+            .count()
+    }
+
+    /// Waits (at most `limit`) until fake-apptainer has begun `count` builds.
+    pub async fn wait_for_builds_begun(&self, count: usize, limit: Duration) {
+        let what = format!("build number {count} beginning");
+        let every = Duration::from_millis(20);
+        poll_until(&what, limit, every, async || self.builds_begun() >= count).await;
+    }
+
     /// Instances fake-apptainer has running, as `instance list --json` reports them.
     pub fn running_instances(&self) -> Vec<String> {
         let output = Command::new(fake_bin())
@@ -332,41 +280,19 @@ impl TestWorker {
 
 impl Drop for TestWorker {
     fn drop(&mut self) {
-        self.kill();
-        let _ = Command::new(fake_bin())
-            .args(["instance", "stop", "--all"])
-            .env("APPTAINER_CONFIGDIR", self.dir.path().join("apptainer"))
-            .stderr(Stdio::null())
-            .status();
-        // The worker declares its dead-letter queue next to the request queue.
-        let queues = [
-            self.queue.clone(),
-            self.reply_queue.clone(),
-            schemas::dead_letter_queue(&self.queue),
-        ];
-        // Runs on a thread of its own: Drop may run inside the test's runtime.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    let Ok(connection) =
-                        Connection::connect(AMQP_URL, ConnectionProperties::default()).await
-                    else {
-                        return;
-                    };
-                    if let Ok(channel) = connection.create_channel().await {
-                        for queue in queues {
-                            let _ = channel
-                                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                                .await;
-                        }
-                    }
-                    let _ = connection.close(200, "test done".into()).await;
-                })
-        })
-        .join();
+        self.process.kill();
+        self.process.stop_instances();
+        // On a runtime of its own, on a thread of its own: Drop may run inside the test's.
+        let process = &self.process;
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(process.delete_queues())
+            });
+        });
     }
 }
 
@@ -416,8 +342,10 @@ pub fn named(op: &str, name: &str) -> Value {
     serde_json::json!({"op": op, "container_name": name})
 }
 
-/// A raw AMQP client of its own, for tests that set properties the `Client` does not: a
-/// connection, a channel with publisher confirms, and an exclusive queue consumed without acks.
+/// A reply queue of the test's own (exclusive, consumed without acks) that sees every reply
+/// sent to it, duplicates included, and a confirm-mode channel to publish with AMQP properties
+/// the `Client` does not set. For tests where the raw envelope is the point; the others call
+/// through [`TestWorker::call`].
 pub struct RawClient {
     pub connection: Connection,
     pub channel: lapin::Channel,
@@ -466,30 +394,62 @@ pub async fn raw_client() -> RawClient {
     }
 }
 
-/// Publishes `body` to `queue` on a [`RawClient`]'s channel with `properties` (made persistent,
-/// with `reply_queue` as `reply_to`), and waits for the broker's confirm.
-pub async fn publish_raw(
-    channel: &lapin::Channel,
-    reply_queue: &str,
-    queue: &str,
-    body: &Value,
-    properties: BasicProperties,
-) {
-    let properties = properties
-        .with_reply_to(reply_queue.into())
-        .with_delivery_mode(2);
-    channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            lapin::options::BasicPublishOptions::default(),
-            body.to_string().as_bytes(),
+impl RawClient {
+    /// Publishes `body` to `queue` with exactly `properties`, made persistent and with this
+    /// client's queue as `reply_to`, through the producer's `publish_confirmed`; fails the
+    /// test unless the broker confirms it into an existing queue.
+    pub async fn publish(&self, queue: &str, body: &Value, properties: BasicProperties) {
+        let properties = properties
+            .with_reply_to(self.reply_queue.as_str().into())
+            .with_delivery_mode(2);
+        let body = body.to_string();
+        let confirmation = orchestrator_producer::publish_confirmed(
+            &self.channel,
+            queue,
+            body.as_bytes(),
             properties,
         )
         .await
-        .unwrap()
-        .await
         .unwrap();
+        assert!(confirmation.is_ack(), "the broker refused {body}");
+        assert!(
+            confirmation.take_message().is_none(),
+            "{queue} does not exist: {body} came back"
+        );
+    }
+
+    /// The next envelope on this client's queue, within [`REPLY_TIMEOUT`].
+    pub async fn next_reply(&mut self) -> Reply {
+        use futures_lite::StreamExt;
+        let delivery = tokio::time::timeout(REPLY_TIMEOUT, self.replies.next())
+            .await
+            .expect("a reply")
+            .unwrap()
+            .unwrap();
+        serde_json::from_slice(&delivery.data).unwrap()
+    }
+}
+
+/// Polls `check` every 100 ms until it holds; fails the test, naming `what`, after `limit`.
+pub async fn eventually(what: &str, limit: Duration, check: impl AsyncFnMut() -> bool) {
+    poll_until(what, limit, Duration::from_millis(100), check).await;
+}
+
+/// Polls `check` every `every` until it holds; fails the test, naming `what`, after `limit`.
+pub async fn poll_until(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not happen within {limit:?}"
+        );
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// A loopback port nothing listens on right now (bound, read, released).

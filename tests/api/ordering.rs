@@ -127,21 +127,8 @@ async fn a_stop_does_not_wait_for_builds_that_fill_every_build_slot() {
     assert_eq!(worker.call(start_request("nb1")).await.status, 201);
     worker.control_fake(&["DELAY_MS=build=4000"]);
     let slow_start = worker.send(start_request("nb2"), Publish::default()).await;
-    let builds_begun = || {
-        worker
-            .fake_calls_begun()
-            .iter()
-            .filter(|argv| argv.first().is_some_and(|a| a == "build"))
-            .count()
-    };
-    let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
-    while builds_begun() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nb2's build never began"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // nb2's build is the second.
+    worker.wait_for_builds_begun(2, REPLY_TIMEOUT).await;
 
     // Act
     let stop = worker.call(named("stop", "nb1")).await;

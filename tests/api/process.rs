@@ -153,19 +153,13 @@ async fn sigterm_ends_the_worker_within_the_drain_timeout_even_with_a_build_runn
     })
     .await;
     let _running = worker.send(start_request("long"), Publish::default()).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !worker
-        .fake_calls_begun()
-        .iter()
-        .any(|argv| argv[0] == "build")
-    {
-        assert!(Instant::now() < deadline, "the build did not begin");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    worker
+        .wait_for_builds_begun(1, Duration::from_secs(30))
+        .await;
 
     // 2 s of drain and the final flush, with a wide margin for a loaded machine; before the
     // fix the worker waited up to 30 s more for the build.
-    let status = worker.terminate(Duration::from_secs(20));
+    let status = worker.terminate(Duration::from_secs(20)).await;
 
     assert!(status.success(), "{status:?}\n{}", worker.log());
     assert!(

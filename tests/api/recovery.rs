@@ -238,7 +238,7 @@ async fn a_build_cut_off_at_the_drain_deadline_leaves_no_process_of_its_group_af
 
     // Act: SIGTERM; the build is cut off at the drain deadline. Then start again.
     // (The worker waits up to 30 s for in-flight work before the drain deadline starts; allow for it.)
-    let status = worker.terminate(Duration::from_secs(90));
+    let status = worker.terminate(Duration::from_secs(90)).await;
     worker.control_fake(&[]);
     worker.restart().await;
 

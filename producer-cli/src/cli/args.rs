@@ -11,8 +11,7 @@ use schemas::{
     DEFAULT_REPLY_QUEUE, DEFAULT_REQUEST_QUEUE,
 };
 
-/// The broker URL when neither `--amqp-url` nor `AMQP_URL` is given (the worker's default).
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub use crate::DEFAULT_AMQP_URL;
 
 /// How long `start` and `restart` wait by default: an image build can take many minutes.
 pub const DEFAULT_LONG_TIMEOUT: Duration = Duration::from_secs(3600);
