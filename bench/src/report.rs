@@ -405,7 +405,7 @@ mod tests {
         let text = human(&[report]);
         let rows: Vec<&str> = text
             .lines()
-            .filter(|l| l.trim_start().starts_with("16 ") || l.trim_start().starts_with("128 "))
+            .filter(|l| l.starts_with("  16 ") || l.starts_with("  128 "))
             .collect();
         assert_eq!(rows.len(), 2, "{text}");
         assert!(
