@@ -1,21 +1,42 @@
-//! The baseline: a bare echo responder written directly on lapin, the least any consumer of
-//! these requests must do. It consumes the same request bodies from its own durable queue with
-//! the worker's prefetch and manual acks, decodes each request, publishes a reply of the
-//! worker's shape and size (persistent, `mandatory`, confirmed) on a second connection, and
-//! acknowledges the delivery once the broker has confirmed the reply. It keeps no state.
+//! The baselines: echo responders written directly on lapin, run beside the worker. Both consume
+//! the same request bodies from their own durable queue with the worker's prefetch and manual
+//! acks, decode each request and publish a reply of the worker's shape and size on a second
+//! connection; they keep no state. They differ in what they promise about the reply (see
+//! [`EchoKind`]).
 
 use std::collections::BTreeMap;
 
 use anyhow::Context;
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use schemas::{BindsResult, ContainerRecord, Op, Reply, ReplyResult, Request};
 use tokio::task::JoinHandle;
+
+/// Which baseline: the floor of any RPC consumer, or a responder as careful as the worker's writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EchoKind {
+    /// Publishes each reply transient (delivery mode 1), not `mandatory`, on a channel without
+    /// publisher confirms, and acknowledges the delivery at once: the least any consumer of
+    /// these requests must do (issue 14's baseline for reads).
+    Bare,
+    /// Publishes each reply persistent, `mandatory` and confirmed, and acknowledges the delivery
+    /// once the broker has confirmed the reply (issue 6's baseline, issue 14's for writes).
+    Reliable,
+}
+
+impl EchoKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            EchoKind::Bare => "bare",
+            EchoKind::Reliable => "reliable",
+        }
+    }
+}
 
 pub struct Echo {
     pub queue: String,
@@ -26,7 +47,12 @@ pub struct Echo {
 
 impl Echo {
     /// Declares `queue` (durable, like the worker's) and starts answering it.
-    pub async fn start(amqp_url: &str, queue: &str, prefetch: u16) -> anyhow::Result<Self> {
+    pub async fn start(
+        amqp_url: &str,
+        queue: &str,
+        prefetch: u16,
+        kind: EchoKind,
+    ) -> anyhow::Result<Self> {
         let consumer = Connection::connect(amqp_url, ConnectionProperties::default())
             .await
             .context("the echo responder could not reach the broker")?;
@@ -48,15 +74,17 @@ impl Echo {
         let mut deliveries = channel
             .basic_consume(
                 queue.into(),
-                "orchestrator-bench-echo".into(),
+                format!("orchestrator-bench-{}-echo", kind.label()).into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
         let replies = publisher.create_channel().await?;
-        replies
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        if kind == EchoKind::Reliable {
+            replies
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+        }
         let task = tokio::spawn(async move {
             // Prefetch bounds the deliveries, and so the tasks, in flight.
             while let Some(Ok(delivery)) = deliveries.next().await {
@@ -74,10 +102,15 @@ impl Echo {
                         .as_ref()
                         .map(|c| c.as_str().to_owned());
                     let body = reply_body(&delivery.data, correlation_id.clone());
-                    if publish(&replies, &reply_to, correlation_id, &body)
-                        .await
-                        .is_ok()
-                    {
+                    let sent = match kind {
+                        EchoKind::Bare => {
+                            publish_bare(&replies, &reply_to, correlation_id, &body).await
+                        }
+                        EchoKind::Reliable => {
+                            publish_reliable(&replies, &reply_to, correlation_id, &body).await
+                        }
+                    };
+                    if sent.is_ok() {
                         let _ = delivery.ack(BasicAckOptions::default()).await;
                     }
                 });
@@ -98,21 +131,48 @@ impl Echo {
     }
 }
 
-async fn publish(
+async fn publish_reliable(
     channel: &Channel,
     reply_to: &str,
     correlation_id: Option<String>,
     body: &[u8],
 ) -> Result<(), lapin::Error> {
-    let mut properties = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2);
-    if let Some(correlation) = correlation_id {
-        properties = properties.with_correlation_id(correlation.into());
-    }
+    let properties = reply_properties(2, correlation_id);
     orchestrator_producer::publish_confirmed(channel, reply_to, body, properties)
         .await
         .map(drop)
+}
+
+/// Hands the reply to the connection (transient, not `mandatory`, no confirm on this channel)
+/// and returns without waiting for the broker.
+async fn publish_bare(
+    channel: &Channel,
+    reply_to: &str,
+    correlation_id: Option<String>,
+    body: &[u8],
+) -> Result<(), lapin::Error> {
+    let properties = reply_properties(1, correlation_id);
+    channel
+        .basic_publish(
+            "".into(),
+            reply_to.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .map(drop)
+}
+
+/// A JSON reply's properties: `delivery_mode` 1 is transient, 2 persistent.
+fn reply_properties(delivery_mode: u8, correlation_id: Option<String>) -> BasicProperties {
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(delivery_mode);
+    match correlation_id {
+        Some(correlation) => properties.with_correlation_id(correlation.into()),
+        None => properties,
+    }
 }
 
 /// A reply of the shape and size the worker sends for the same request.

@@ -3,9 +3,10 @@
 //! (a bare echo responder on the same broker, the ideal wall time, the smallest store), or a
 //! count, because the machines it runs on are shared and noisy.
 //!
-//! The modules: [`echo`] (the baseline responder), [`procs`] (the worker and fake-apptainer
-//! processes, seeding the store), [`load`] (closed-loop load and statistics), [`scenarios`]
-//! (the five scenarios of issue 6), [`report`] (the table and the JSON lines).
+//! The modules: [`echo`] (the two baseline responders, bare and reliable), [`procs`] (the worker
+//! and fake-apptainer processes, seeding the store), [`load`] (closed-loop load and statistics),
+//! [`scenarios`] (the five scenarios of issue 6), [`report`] (the compact table, the Markdown
+//! table and the JSON).
 
 mod echo;
 mod load;
@@ -19,13 +20,14 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 
-/// Benchmarks the apptainer-orchestrator worker against a bare lapin echo responder on the same
-/// RabbitMQ broker. It starts everything it needs: the echo responder (in this process), and
-/// `orchestrator-worker` with `fake-apptainer` as child processes, both taken from the directory
-/// of this executable (build them with `cargo build --release -p apptainer-orchestrator-worker
-/// -p apptainer-orchestrator-tests --bins`). Prints a Markdown table of every figure and one
-/// JSON line per scenario. Exits non-zero when a request or a process fails (never because a
-/// target is missed).
+/// Benchmarks the apptainer-orchestrator worker against two lapin echo responders on the same
+/// RabbitMQ broker: the bare echo (transient reply, no confirm, ack at once) and the reliable
+/// echo (persistent, mandatory, confirmed reply, ack after the confirm). It starts everything it
+/// needs: the echo responders (in this process), and `orchestrator-worker` with `fake-apptainer`
+/// as child processes, both taken from the directory of this executable (build them with
+/// `cargo build --release -p apptainer-orchestrator-worker -p apptainer-orchestrator-tests
+/// --bins`). Prints a compact table per scenario (or `--json`, or `--markdown`). Exits non-zero
+/// when a request or a process fails (never because a target is missed).
 #[derive(Debug, Parser)]
 #[command(name = "orchestrator-bench", version, about, long_about)]
 struct Args {
@@ -42,9 +44,19 @@ struct Args {
     #[arg(long)]
     smoke: bool,
 
-    /// Scenarios to run, comma-separated (default: all, in this order).
+    /// Scenarios to run, comma-separated (default: all, in this order). `reads` is another
+    /// name for `overhead` (the `getcont` round trip).
     #[arg(long, value_enum, value_delimiter = ',')]
     scenario: Vec<Scenario>,
+
+    /// Print only JSON on stdout: one object per scenario, one per line, with every figure.
+    #[arg(long, conflicts_with = "markdown")]
+    json: bool,
+
+    /// Print the long Markdown table of every figure (the form BENCHMARKS.md records) instead
+    /// of the compact tables.
+    #[arg(long)]
+    markdown: bool,
 
     /// Directory for the workers' data directories (a fresh temporary directory inside it is
     /// used and removed). Default: the system's temporary directory.
@@ -64,6 +76,7 @@ struct Args {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
+    #[value(alias = "reads")]
     Overhead,
     Writes,
     Parallel,
@@ -146,21 +159,37 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         });
         if args.smoke {
             // Tiny runs say nothing about the targets; only failures count.
-            report.figures.iter_mut().for_each(|f| f.target = None);
+            report.figures.iter_mut().for_each(|f| f.goals.clear());
         }
-        println!("{}", report.json());
+        if args.json {
+            emit(&format!("{}\n", report.json()));
+        }
         reports.push(report);
     }
-    println!();
-    print!("{}", report::table(&reports));
     let total = started.elapsed();
-    println!(
-        "\n{} scenarios in {:.0}s{}",
+    let summary = format!(
+        "{} scenario{} in {:.0}s{}",
         reports.len(),
+        if reports.len() == 1 { "" } else { "s" },
         total.as_secs_f64(),
         if args.smoke { " (smoke sizes)" } else { "" }
     );
+    if args.json {
+        eprintln!("{summary}");
+    } else if args.markdown {
+        emit(&format!("{}\n{summary}\n", report::markdown(&reports)));
+    } else {
+        emit(&format!("{}{summary}\n", report::human(&reports)));
+    }
     Ok(reports.iter().all(|r| r.failures.is_empty()))
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error of the run, and must not
+/// turn into a panic that leaves the worker processes behind.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 fn name_of(scenario: Scenario) -> &'static str {

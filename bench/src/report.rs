@@ -1,4 +1,6 @@
-//! Results: figures with their targets, printed as one table and one JSON line per scenario.
+//! Results: figures with their targets, printed three ways: a compact table for a person (the
+//! default), one JSON object per scenario (`--json`), or the long Markdown table of every figure
+//! (`--markdown`, the form BENCHMARKS.md holds).
 
 use serde_json::{json, Value};
 
@@ -28,13 +30,30 @@ impl Target {
     }
 }
 
+/// A target and the issue that set it, so old and new targets on one figure stay apart.
+#[derive(Debug, Clone, Copy)]
+pub struct Goal {
+    pub issue: u32,
+    pub target: Target,
+}
+
+impl Goal {
+    pub fn met(self, value: f64) -> bool {
+        self.target.met(value)
+    }
+
+    pub fn label(self) -> String {
+        format!("{} (issue {})", self.target.label(), self.issue)
+    }
+}
+
 /// One measured number.
 #[derive(Debug, Clone)]
 pub struct Figure {
     pub case: String,
     pub name: &'static str,
     pub value: f64,
-    pub target: Option<Target>,
+    pub goals: Vec<Goal>,
 }
 
 impl Figure {
@@ -43,18 +62,40 @@ impl Figure {
             case: case.into(),
             name,
             value,
-            target: None,
+            goals: Vec::new(),
         }
     }
 
-    pub fn target(mut self, target: Target) -> Self {
-        self.target = Some(target);
+    /// A target of issue 6 (the scenarios' original targets).
+    pub fn target(self, target: Target) -> Self {
+        self.goal(6, target)
+    }
+
+    /// A target set by `issue`.
+    pub fn goal(mut self, issue: u32, target: Target) -> Self {
+        self.goals.push(Goal { issue, target });
         self
     }
 
-    /// `Some(true)` when a target is met, `None` when the figure has none.
+    /// `Some(true)` when every target is met, `None` when the figure has none.
     pub fn met(&self) -> Option<bool> {
-        self.target.map(|t| t.met(self.value))
+        (!self.goals.is_empty()).then(|| self.goals.iter().all(|g| g.met(self.value)))
+    }
+
+    fn targets_label(&self) -> String {
+        self.goals
+            .iter()
+            .map(|g| g.label())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn met_label(&self) -> String {
+        self.goals
+            .iter()
+            .map(|g| if g.met(self.value) { "yes" } else { "NO" })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -84,11 +125,22 @@ impl ScenarioReport {
             .figures
             .iter()
             .map(|f| {
+                let targets: Vec<Value> = f
+                    .goals
+                    .iter()
+                    .map(|g| {
+                        json!({
+                            "issue": g.issue,
+                            "target": g.target.label(),
+                            "met": g.met(f.value),
+                        })
+                    })
+                    .collect();
                 json!({
                     "case": f.case,
                     "figure": f.name,
                     "value": round(f.value),
-                    "target": f.target.map(|t| t.label()),
+                    "targets": targets,
                     "met": f.met(),
                 })
             })
@@ -105,7 +157,7 @@ fn round(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
 }
 
-fn format_value(value: f64) -> String {
+pub fn format_value(value: f64) -> String {
     if value.abs() >= 100.0 {
         format!("{value:.0}")
     } else if value.abs() >= 10.0 {
@@ -116,25 +168,20 @@ fn format_value(value: f64) -> String {
 }
 
 /// The table of every figure, in Markdown so BENCHMARKS.md can hold it as printed.
-pub fn table(reports: &[ScenarioReport]) -> String {
+pub fn markdown(reports: &[ScenarioReport]) -> String {
     let mut out = String::from(
         "| scenario | case | figure | value | target | met |\n|---|---|---|---:|---|---|\n",
     );
     for report in reports {
         for f in &report.figures {
-            let met = match f.met() {
-                Some(true) => "yes",
-                Some(false) => "NO",
-                None => "",
-            };
             out.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} |\n",
                 report.name,
                 f.case,
                 f.name,
                 format_value(f.value),
-                f.target.map(|t| t.label()).unwrap_or_default(),
-                met
+                f.targets_label(),
+                f.met_label()
             ));
         }
         for failure in &report.failures {
@@ -148,6 +195,182 @@ pub fn table(reports: &[ScenarioReport]) -> String {
     out
 }
 
+/// The figures a worker-against-both-echoes comparison reports per case, by name; the compact
+/// table shows these as columns.
+pub mod names {
+    pub const WORKER_RPS: &str = "worker req/s";
+    pub const BARE_RPS: &str = "bare echo req/s";
+    pub const RELIABLE_RPS: &str = "reliable echo req/s";
+    pub const THROUGHPUT_BARE: &str = "throughput worker/bare echo";
+    pub const THROUGHPUT_RELIABLE: &str = "throughput worker/reliable echo";
+    pub const P50_BARE: &str = "p50 latency worker/bare echo";
+    pub const P50_RELIABLE: &str = "p50 latency worker/reliable echo";
+    pub const P99_BARE: &str = "p99 latency worker/bare echo";
+    pub const P99_RELIABLE: &str = "p99 latency worker/reliable echo";
+    pub const WORKER_P50: &str = "worker p50 ms";
+    pub const BARE_P50: &str = "bare echo p50 ms";
+    pub const RELIABLE_P50: &str = "reliable echo p50 ms";
+    pub const WORKER_P99: &str = "worker p99 ms";
+    pub const BARE_P99: &str = "bare echo p99 ms";
+    pub const RELIABLE_P99: &str = "reliable echo p99 ms";
+}
+
+/// The columns of the compact comparison table: (header, figure).
+const COMPARISON: [(&str, &str); 8] = [
+    ("worker req/s", names::WORKER_RPS),
+    ("bare req/s", names::BARE_RPS),
+    ("reliable req/s", names::RELIABLE_RPS),
+    ("worker/bare", names::THROUGHPUT_BARE),
+    ("worker/reliable", names::THROUGHPUT_RELIABLE),
+    ("worker p99 ms", names::WORKER_P99),
+    ("bare p99", names::BARE_P99),
+    ("reliable p99", names::RELIABLE_P99),
+];
+
+/// What a person reads: per scenario, one row per case for worker-against-echo comparisons
+/// (throughputs, the two throughput ratios, the three p99s), then every figure that has a target
+/// with its verdict, then the remaining figures. The full list is in `--markdown` and `--json`.
+pub fn human(reports: &[ScenarioReport]) -> String {
+    let mut out = String::new();
+    for report in reports {
+        out.push_str(&format!("{}\n", heading(report.name)));
+        let mut cases: Vec<&str> = Vec::new();
+        for f in &report.figures {
+            if !cases.contains(&f.case.as_str()) {
+                cases.push(&f.case);
+            }
+        }
+        let find = |case: &str, name: &str| {
+            report
+                .figures
+                .iter()
+                .find(|f| f.case == case && f.name == name)
+        };
+        let compared: Vec<&str> = cases
+            .iter()
+            .copied()
+            .filter(|c| find(c, names::WORKER_RPS).is_some())
+            .collect();
+        let shown = |f: &Figure| {
+            COMPARISON.iter().any(|(_, n)| *n == f.name) && compared.contains(&f.case.as_str())
+        };
+        if !compared.is_empty() {
+            let mut rows = vec![std::iter::once("in flight")
+                .chain(COMPARISON.iter().map(|(h, _)| *h))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()];
+            for case in &compared {
+                let mut row = vec![case.trim_end_matches(" in flight").to_owned()];
+                for (_, name) in COMPARISON {
+                    row.push(find(case, name).map_or(String::new(), |f| format_value(f.value)));
+                }
+                rows.push(row);
+            }
+            out.push_str(&aligned(&rows, "  "));
+        }
+        let targeted: Vec<&Figure> = report
+            .figures
+            .iter()
+            .filter(|f| !f.goals.is_empty())
+            .collect();
+        if !targeted.is_empty() {
+            out.push_str("  targets:\n");
+            let rows: Vec<Vec<String>> = targeted
+                .iter()
+                .flat_map(|f| {
+                    f.goals.iter().map(move |g| {
+                        vec![
+                            f.case.clone(),
+                            f.name.to_owned(),
+                            format_value(f.value),
+                            g.label(),
+                            if g.met(f.value) { "yes" } else { "NO" }.to_owned(),
+                        ]
+                    })
+                })
+                .collect();
+            out.push_str(&aligned(&rows, "    "));
+        }
+        let rest: Vec<Vec<String>> = report
+            .figures
+            .iter()
+            .filter(|f| f.goals.is_empty() && !shown(f) && !is_detail(f.name))
+            .map(|f| vec![f.case.clone(), f.name.to_owned(), format_value(f.value)])
+            .collect();
+        if !rest.is_empty() {
+            let prefix = if compared.is_empty() {
+                "  "
+            } else {
+                out.push_str("  also:\n");
+                "    "
+            };
+            out.push_str(&aligned(&rest, prefix));
+        }
+        for failure in &report.failures {
+            out.push_str(&format!("  FAILED: {failure}\n"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Figures of a comparison left out of the compact table (they are in `--markdown`/`--json`).
+fn is_detail(name: &str) -> bool {
+    [
+        names::P50_BARE,
+        names::P50_RELIABLE,
+        names::P99_BARE,
+        names::P99_RELIABLE,
+        names::WORKER_P50,
+        names::BARE_P50,
+        names::RELIABLE_P50,
+    ]
+    .contains(&name)
+}
+
+fn heading(scenario: &str) -> String {
+    match scenario {
+        "overhead" => {
+            "overhead (reads: getcont; worker/bare, worker/reliable = throughput ratios)".into()
+        }
+        "writes" => {
+            "writes (createvolume + deletevolume; worker/bare, worker/reliable = throughput ratios)"
+                .into()
+        }
+        other => other.to_owned(),
+    }
+}
+
+/// Rows as columns: the first left-aligned, the others right-aligned, each line prefixed.
+fn aligned(rows: &[Vec<String>], prefix: &str) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|v| v.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::from(prefix);
+        for (c, value) in row.iter().enumerate() {
+            if c == 0 {
+                line.push_str(&format!("{value:<w$}", w = widths[c]));
+            } else if value.parse::<f64>().is_ok() || value.is_empty() {
+                line.push_str(&format!("  {value:>w$}", w = widths[c]));
+            } else {
+                line.push_str(&format!("  {value:<w$}", w = widths[c]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,10 +378,41 @@ mod tests {
     #[test]
     fn a_figure_meets_its_target_or_says_no() {
         let mut report = ScenarioReport::new("overhead");
-        report.push(Figure::new("128", "throughput ratio", 0.5).target(Target::AtLeast(0.7)));
+        report.push(
+            Figure::new("128", "throughput ratio", 0.5)
+                .target(Target::AtLeast(0.4))
+                .goal(14, Target::AtLeast(0.7)),
+        );
         report.push(Figure::new("128", "echo req/s", 1000.0));
-        let table = table(&[report]);
-        assert!(table.contains("| overhead | 128 | throughput ratio | 0.50 | >= 0.7 | NO |"));
+        let table = markdown(&[report]);
+        assert!(table.contains(
+            "| overhead | 128 | throughput ratio | 0.50 | >= 0.4 (issue 6), >= 0.7 (issue 14) | yes, NO |"
+        ));
         assert!(table.contains("| overhead | 128 | echo req/s | 1000 |  |  |"));
+    }
+
+    #[test]
+    fn the_compact_table_has_one_row_per_in_flight_level() {
+        let mut report = ScenarioReport::new("overhead");
+        for (case, rps) in [("16 in flight", 900.0), ("128 in flight", 1500.0)] {
+            report.push(Figure::new(case, names::WORKER_RPS, rps));
+            report.push(Figure::new(case, names::BARE_RPS, 2000.0));
+            report.push(
+                Figure::new(case, names::THROUGHPUT_BARE, rps / 2000.0)
+                    .goal(14, Target::AtLeast(0.85)),
+            );
+        }
+        let text = human(&[report]);
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("  16 ") || l.starts_with("  128 "))
+            .collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        assert!(
+            text.contains(
+                "128 in flight  throughput worker/bare echo  0.75  >= 0.85 (issue 14)  NO"
+            ),
+            "{text}"
+        );
     }
 }
