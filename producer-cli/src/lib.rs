@@ -179,13 +179,18 @@ impl Client {
     }
 
     /// Publishes any body (valid or not) and awaits the final reply to its correlation id.
+    /// `timeout` bounds the whole call, the broker's confirm of the publish included: a confirm
+    /// that never comes ends the call with [`ClientError::Timeout`] instead of holding it.
     pub async fn call_raw(
         &self,
         body: &[u8],
         options: Publish,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
-        self.send(body, options).await?.wait(timeout).await
+        let call = async { self.send(body, options).await?.wait(timeout).await };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))?
     }
 
     /// Publishes a body and returns once the broker has confirmed it, with a handle on its
