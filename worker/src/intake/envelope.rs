@@ -12,9 +12,6 @@ pub(super) struct Envelope {
     pub(super) target: ReplyTarget,
     /// The requester's idempotency key, when it set one.
     pub(super) message_id: Option<String>,
-    /// What identifies the message across redeliveries: its `message_id`, else a hash of its
-    /// correlation id and body (a correlation id alone may be a counter shared by clients).
-    pub(super) identity: String,
     /// When the request must have run by (unix ms), or why the deadline cannot be read.
     pub(super) deadline_ms: Result<Option<i64>, String>,
     /// Whether the requester asked for progress envelopes (`x-progress: true`).
@@ -40,20 +37,25 @@ impl Envelope {
             .message_id()
             .as_ref()
             .map(|m| m.as_str().to_owned());
-        let identity = message_id.clone().unwrap_or_else(|| {
-            use std::hash::{Hash, Hasher};
-            let mut hasher = std::hash::DefaultHasher::new();
-            target.correlation_id.hash(&mut hasher);
-            delivery.data.hash(&mut hasher);
-            format!("body-{:016x}", hasher.finish())
-        });
         Self {
             target,
             message_id,
-            identity,
             deadline_ms: deadline_ms(properties),
             progress: wants_progress(properties.headers().as_ref()),
         }
+    }
+
+    /// What identifies the message across redeliveries: its `message_id`, else a hash of its
+    /// correlation id and body (a correlation id alone may be a counter shared by clients).
+    /// Asked only of a redelivered message, so the body is not hashed on the common path.
+    pub(super) fn identity(&self, delivery: &Delivery) -> String {
+        self.message_id.clone().unwrap_or_else(|| {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::hash::DefaultHasher::new();
+            self.target.correlation_id.hash(&mut hasher);
+            delivery.data.hash(&mut hasher);
+            format!("body-{:016x}", hasher.finish())
+        })
     }
 }
 

@@ -169,16 +169,16 @@ impl Intake {
         let envelope = Envelope::read(&delivery, &self.default_reply_queue);
         if delivery.redelivered {
             metrics::counter!(crate::metrics::REDELIVERIES).increment(1);
-            let key = envelope.identity.clone();
+            let identity = envelope.identity(&delivery);
             let Some(count) = self
-                .until_stored(|| self.store.count_redelivery(key.clone()))
+                .until_stored(|| self.store.count_redelivery(identity.clone()))
                 .await
             else {
                 return Taken::Handled;
             };
             // `count` redeliveries: this is delivery number count + 1.
             if count >= self.max_attempts {
-                self.dead_letter(delivery, envelope, count, received);
+                self.dead_letter(delivery, envelope, &identity, count, received);
                 return Taken::Handled;
             }
         }
@@ -255,7 +255,14 @@ impl Intake {
 
     /// Moves a delivery that keeps coming back to the dead-letter queue, answers its requester,
     /// and acknowledges it, on a task of its own.
-    fn dead_letter(&self, delivery: Delivery, envelope: Envelope, count: u32, received: Instant) {
+    fn dead_letter(
+        &self,
+        delivery: Delivery,
+        envelope: Envelope,
+        identity: &str,
+        count: u32,
+        received: Instant,
+    ) {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
             "x-orchestrator-deliveries".into(),
@@ -268,7 +275,7 @@ impl Intake {
             ),
         );
         let properties = delivery.properties.clone().with_headers(headers);
-        tracing::warn!(identity = %envelope.identity, count, queue = %self.dead_letter_queue,
+        tracing::warn!(identity = %identity, count, queue = %self.dead_letter_queue,
             "a delivery keeps coming back unprocessed; moving it to the dead-letter queue");
         let (op, container_name) = decode::claimed(&delivery.data);
         let header = ReplyHeader {
