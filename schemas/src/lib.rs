@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 
 mod names;
 mod redact;
+mod topology;
 
 pub use names::{ContainerName, InvalidContainerName};
 pub use redact::redact_url;
+pub use topology::{routing_key, NodeId, Topology, DEFAULT_EXCHANGE, MAX_EXCHANGE_LEN};
 
 /// The protocol version this crate speaks. Replies always carry it; a request without `v` is
 /// version 1.
