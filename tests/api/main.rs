@@ -22,6 +22,7 @@ mod lifecycle;
 mod logs;
 mod messages;
 mod ordering;
+mod private_broker;
 mod process;
 mod progress;
 mod recovery;

@@ -6,6 +6,8 @@
 //! It makes no assertions and finds no binaries: the tests pass `CARGO_BIN_EXE_` paths, the
 //! bench the binaries next to itself ([`Binaries`]).
 
+pub mod brokers;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
