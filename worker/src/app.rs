@@ -8,19 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use schemas::NodeId;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, Publisher};
-use crate::intake::{consume_until_cancelled, Drain, Intake, Readiness};
+use crate::intake::{consume_until_cancelled, Drain, Fatal, Intake, Readiness};
 use crate::ops::OpContext;
 use crate::outbox;
 use crate::progress::Progress;
 use crate::reconciler::Reconciler;
 use crate::runtime::{Apptainer, Limits, Runtime};
-use crate::scheduler::{lane_of, Executor, Job, JobKind, Scheduler};
+use crate::scheduler::{lane_of, Executor, Job, JobKind, Ownership, Room, Scheduler};
 use crate::settings::{RestorePolicy, Settings};
 use crate::store::Store;
 
@@ -31,7 +32,7 @@ const FINAL_FLUSH: Duration = Duration::from_secs(10);
 
 pub struct Worker {
     settings: Settings,
-    node: String,
+    node: NodeId,
     store: Store,
     runtime: Arc<dyn Runtime>,
     broker: Broker,
@@ -68,7 +69,10 @@ impl Worker {
         crate::check::fit_to_start(&settings)
             .await
             .context("the worker cannot work on this host")?;
-        let node = settings.node_id();
+        let node = settings
+            .node_id()
+            .map_err(anyhow::Error::msg)
+            .context("the worker needs a node id")?;
         let http = bind_http(&settings).await?;
         let bind_roots = prepare_data_dir(&mut settings)?;
         let store = Store::open(&settings.state_db()).with_context(|| {
@@ -77,6 +81,10 @@ impl Worker {
                 settings.state_db().display()
             )
         })?;
+        let unclean_start = store
+            .mark_running()
+            .await
+            .context("could not record the start of this run in the state database")?;
         let runtime = open_runtime(&settings)?;
         let broker = Broker::new(&settings, &node);
         let publisher = Arc::new(Publisher::new(broker.clone()));
@@ -85,6 +93,7 @@ impl Worker {
             .await
             .context("could not start the worker")?;
         let wiring = Wiring {
+            unclean_start,
             settings: &settings,
             node: &node,
             store: &store,
@@ -110,13 +119,22 @@ impl Worker {
         };
         tracing::info!(
             node = %self.node,
-            queue = %self.broker.request_queue,
+            exchange = %self.broker.topology.exchange(),
+            queue = %self.broker.host_queue(),
             broker = %self.settings.redacted_amqp_url(),
             resumed,
             "worker started"
         );
-        let deadline = self.consume_then_drain(shutdown).await;
+        let (deadline, consumed) = self.consume_then_drain(shutdown).await;
         self.stop_background(background, deadline).await;
+        // A run that ends for want of its lease was not this node's: it leaves the marker as
+        // the previous run left it.
+        if consumed.is_ok() || !self.intake.unclean_start {
+            if let Err(e) = self.store.mark_stopped().await {
+                tracing::warn!(error = %e, "could not record the clean end of this run");
+            }
+        }
+        consumed.context("the worker stopped consuming")?;
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -181,7 +199,10 @@ impl Worker {
     /// deliveries but keeps its channel open until the work in flight is done (it waits on the
     /// tracker itself); the wait here covers what remains, with no polling.
     /// Returns the drain deadline, which the reconciler is also given.
-    async fn consume_then_drain(&self, shutdown: impl Future<Output = ()>) -> tokio::time::Instant {
+    async fn consume_then_drain(
+        &self,
+        shutdown: impl Future<Output = ()>,
+    ) -> (tokio::time::Instant, Result<(), Fatal>) {
         let consuming = consume_until_cancelled(
             &self.broker,
             &self.intake,
@@ -193,9 +214,10 @@ impl Worker {
             },
         );
         tokio::pin!(consuming);
+        let mut consumed = None;
         tokio::select! {
             () = shutdown => tracing::info!("shutdown requested; draining"),
-            () = &mut consuming => {}
+            result = &mut consuming => consumed = Some(result),
         }
         self.stop.cancel();
         let deadline = tokio::time::Instant::now() + self.settings.drain_timeout();
@@ -206,7 +228,10 @@ impl Worker {
                 abort.cancel();
             })
         };
-        consuming.await;
+        let consumed = match consumed {
+            Some(result) => result,
+            None => consuming.await,
+        };
         self.tracker.close();
         if tokio::time::timeout_at(deadline, self.tracker.wait())
             .await
@@ -218,7 +243,7 @@ impl Worker {
         }
         self.abort.cancel();
         drain_deadline.abort();
-        deadline
+        (deadline, consumed)
     }
 
     /// Stops what runs beside the consumer: the pruner, the reconciler (it had until the drain
@@ -290,8 +315,10 @@ impl Worker {
 
 /// The parts `build` opened, wired into the lanes, the executor and the intake.
 struct Wiring<'a> {
+    /// The previous run in this data directory did not end cleanly.
+    unclean_start: bool,
     settings: &'a Settings,
-    node: &'a str,
+    node: &'a NodeId,
     store: &'a Store,
     runtime: &'a Arc<dyn Runtime>,
     publisher: &'a Arc<Publisher>,
@@ -310,6 +337,8 @@ impl Wiring<'_> {
         let tracker = TaskTracker::new();
         let outbox_wake = Arc::new(Notify::new());
         let progress = Arc::new(Progress::new(Some(Arc::clone(self.publisher))));
+        let ownership = Arc::new(Ownership::new(broker.clone()));
+        let room = Arc::new(Room::new(settings.max_containers));
         let executor = Executor {
             ctx: OpContext {
                 store: store.clone(),
@@ -320,14 +349,21 @@ impl Wiring<'_> {
                 home_mount: settings.home_mount.clone(),
                 progress: Arc::clone(&progress),
             },
-            node: self.node.to_owned(),
+            node: self.node.to_string(),
             outbox_wake: Arc::clone(&outbox_wake),
             max_attempts: settings.max_attempts,
             restore: settings.restore_policy == RestorePolicy::Restart,
             stop: stop.clone(),
+            ownership: Arc::clone(&ownership),
+            room: Arc::clone(&room),
         };
         let scheduler = Scheduler::new(executor, tracker.clone(), stop.clone());
         let intake = Intake {
+            broker: broker.clone(),
+            ownership,
+            room,
+            lease_wait: settings.lease_wait(),
+            unclean_start: self.unclean_start,
             store: store.clone(),
             scheduler: scheduler.clone(),
             publisher: Arc::clone(self.publisher),
@@ -335,7 +371,7 @@ impl Wiring<'_> {
             outbox_wake: Arc::clone(&outbox_wake),
             pending: Arc::new(Semaphore::new(settings.max_pending)),
             tracker: tracker.clone(),
-            node: self.node.to_owned(),
+            node: self.node.to_string(),
             default_reply_queue: settings.reply_queue.clone(),
             dead_letter_queue: settings.dead_letter_queue(),
             max_body_bytes: settings.max_body_bytes,
@@ -345,7 +381,7 @@ impl Wiring<'_> {
         };
         Worker {
             settings: settings.clone(),
-            node: self.node.to_owned(),
+            node: self.node.clone(),
             store: store.clone(),
             runtime: Arc::clone(self.runtime),
             broker,
