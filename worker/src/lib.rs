@@ -31,6 +31,7 @@
 pub mod app;
 pub mod broker;
 pub mod check;
+pub mod fleet;
 pub mod http;
 pub mod intake;
 pub mod metrics;

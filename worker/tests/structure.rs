@@ -28,6 +28,10 @@ const LAYERS: &[(&[&str], &str)] = &[
         "the start of the request path: decodes, checks, hands to the scheduler",
     ),
     (
+        &["fleet"],
+        "the fleet's admin plane: membership, gathers; the intake hands it admin messages",
+    ),
+    (
         &["scheduler"],
         "lanes and the executor, which runs an operation and settles it",
     ),
