@@ -106,6 +106,10 @@ pub enum Command {
     /// Print the replies waiting in the worker's default reply queue, one JSON envelope a line
     /// (where `--no-wait` without `--reply-to` sends them); each is removed once printed.
     Replies(RepliesArgs),
+    /// The fleet's hosts: `fleet hosts` lists them, `fleet forget NODE` forgets one that is
+    /// gone for good.
+    #[command(subcommand)]
+    Fleet(super::fleet::FleetCommand),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -213,9 +217,10 @@ impl Command {
             Command::Deletecontdata(args) => Request::Deletecontdata(named(args)),
             Command::Createvolume(args) => Request::Createvolume(volume(args)),
             Command::Deletevolume(args) => Request::Deletevolume(volume(args)),
-            Command::Send { .. } | Command::Replies(_) | Command::Completions { .. } => {
-                return None
-            }
+            Command::Send { .. }
+            | Command::Replies(_)
+            | Command::Fleet(_)
+            | Command::Completions { .. } => return None,
         })
     }
 }

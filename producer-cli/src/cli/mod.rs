@@ -3,6 +3,7 @@
 //! branch on. `main.rs` only calls [`main`].
 
 mod args;
+mod fleet;
 mod output;
 mod progress;
 mod replies;
@@ -91,6 +92,12 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
             return Ok(Exit::Success);
         }
         Command::Replies(args) => return replies::print(&common, args).await,
+        Command::Fleet(command) => {
+            // Until the CLI takes --exchange (the fleet's topology): the default fleet.
+            let topology = schemas::Topology::new(schemas::DEFAULT_EXCHANGE)
+                .expect("the default exchange is a valid name");
+            return fleet::run(&common, &topology, command).await;
+        }
         Command::Send { file } => raw_request(file)?,
         command => {
             let request = command
