@@ -15,11 +15,13 @@ use std::fmt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod duration;
 pub mod fleet;
 mod names;
 mod redact;
 mod topology;
 
+pub use duration::parse_duration;
 pub use names::{ContainerName, InvalidContainerName};
 pub use redact::redact_url;
 pub use topology::{routing_key, NodeId, Topology, DEFAULT_EXCHANGE, MAX_EXCHANGE_LEN};
