@@ -6,11 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ContainerPage;
-
-/// The `type` of every admin message starts with this; a delivery whose `type` does not is a
-/// request.
-pub const ADMIN_TYPE_PREFIX: &str = "orchestrator.";
+use crate::{ContainerPage, ADMIN_TYPE_PREFIX};
 
 /// A host announces itself ([`HostStatus`]) on `<exchange>.all`: at every (re)connect and
 /// every [`HELLO_EVERY_SECS`] seconds, with that as its TTL.

@@ -29,7 +29,8 @@ const LAYERS: &[(&[&str], &str)] = &[
     ),
     (
         &["fleet"],
-        "the fleet's admin plane: membership, gathers; the intake hands it admin messages",
+        "what a host does with deliveries that are not one container's requests (admin messages, \
+         fleet-wide gathers): the intake hands them here; it may look at the lanes and the store",
     ),
     (
         &["scheduler"],

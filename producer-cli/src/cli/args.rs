@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use schemas::{
     ContainerName, ContainerRequest, Op, PageRequest, Request, StartRequest, VolumeRequest,
-    DEFAULT_REPLY_QUEUE, DEFAULT_REQUEST_QUEUE,
+    DEFAULT_EXCHANGE, DEFAULT_REPLY_QUEUE,
 };
 
 pub use crate::DEFAULT_AMQP_URL;
@@ -24,8 +24,8 @@ Exit codes:
   0  success
   1  the orchestrator answered with an error (its message and status are printed on stderr)
   2  the command line or the request was invalid; nothing was sent
-  3  the broker could not be reached, the request queue does not exist (the worker is probably
-     not running), or no reply came within --timeout";
+  3  the broker could not be reached, the exchange does not exist or no worker consumes (the
+     worker is probably not running), or no reply came within --timeout";
 
 /// Command line client of apptainer-orchestrator: sends one request to the worker through
 /// RabbitMQ and prints its reply.
@@ -40,7 +40,7 @@ pub struct Cli {
 
 /// Flags every subcommand takes.
 ///
-/// `--amqp-url` and `--queue` fall back to the environment by hand ([`Common::resolve`]), not
+/// `--amqp-url` and `--exchange` fall back to the environment by hand ([`Common::resolve`]), not
 /// through clap's `env`: clap lists an argument taken from the environment in its usage lines
 /// as if the command line had to give it.
 #[derive(Debug, Args)]
@@ -49,10 +49,10 @@ pub struct Common {
     /// The broker's URL [env: AMQP_URL] [default: amqp://guest:guest@127.0.0.1:5672/%2f].
     #[arg(long, global = true, value_name = "URL")]
     pub amqp_url: Option<String>,
-    /// The queue the worker consumes requests from [env: ORCHESTRATOR_QUEUE] [default:
-    /// apptainer.requests].
-    #[arg(long, global = true, value_name = "QUEUE")]
-    pub queue: Option<String>,
+    /// The fleet's exchange, which requests are published to with the container's name as
+    /// routing key: the workers' --exchange [env: ORCHESTRATOR_EXCHANGE] [default: apptainer].
+    #[arg(long, global = true, value_name = "EXCHANGE")]
+    pub exchange: Option<String>,
     /// How long to wait for the reply: 90, 90s, 5m, 1h, 500ms [default: 1h for start and
     /// restart, 60s for the others].
     #[arg(long, global = true, value_parser = parse_duration)]
@@ -244,9 +244,9 @@ impl StartArgs {
 }
 
 impl Common {
-    /// Fills `--amqp-url` and `--queue` from `AMQP_URL` and `ORCHESTRATOR_QUEUE` when the
-    /// command line did not give them, then from the defaults; refuses an empty queue name
-    /// (the broker would only say that a queue named "" does not exist).
+    /// Fills `--amqp-url` and `--exchange` from `AMQP_URL` and `ORCHESTRATOR_EXCHANGE` when
+    /// the command line did not give them, then from the defaults; refuses an exchange name the
+    /// workers could not use (empty, too long, `amq.`).
     pub fn resolve(mut self) -> Result<Self, String> {
         let from_env = |name: &str| std::env::var(name).ok();
         let amqp_url = self
@@ -254,18 +254,14 @@ impl Common {
             .take()
             .or_else(|| from_env("AMQP_URL"))
             .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
-        let queue = self
-            .queue
+        let exchange = self
+            .exchange
             .take()
-            .or_else(|| from_env("ORCHESTRATOR_QUEUE"))
-            .unwrap_or_else(|| DEFAULT_REQUEST_QUEUE.to_owned());
-        if queue.trim().is_empty() {
-            return Err(format!(
-                "the request queue's name is empty: give --queue, or set ORCHESTRATOR_QUEUE to the worker's queue (unset, it is {DEFAULT_REQUEST_QUEUE})"
-            ));
-        }
+            .or_else(|| from_env("ORCHESTRATOR_EXCHANGE"))
+            .unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
+        schemas::Topology::new(&exchange)?;
         self.amqp_url = Some(amqp_url);
-        self.queue = Some(queue);
+        self.exchange = Some(exchange);
         Ok(self)
     }
 
@@ -274,9 +270,9 @@ impl Common {
         self.amqp_url.as_deref().unwrap_or(DEFAULT_AMQP_URL)
     }
 
-    /// The request queue, after [`Common::resolve`].
-    pub fn queue(&self) -> &str {
-        self.queue.as_deref().unwrap_or(DEFAULT_REQUEST_QUEUE)
+    /// The fleet's exchange, after [`Common::resolve`].
+    pub fn exchange(&self) -> &str {
+        self.exchange.as_deref().unwrap_or(DEFAULT_EXCHANGE)
     }
 }
 

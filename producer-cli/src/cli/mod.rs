@@ -93,9 +93,8 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         }
         Command::Replies(args) => return replies::print(&common, args).await,
         Command::Fleet(command) => {
-            // Until the CLI takes --exchange (the fleet's topology): the default fleet.
-            let topology = schemas::Topology::new(schemas::DEFAULT_EXCHANGE)
-                .expect("the default exchange is a valid name");
+            let topology = schemas::Topology::new(common.exchange())
+                .expect("resolve() accepted the exchange's name");
             return fleet::run(&common, &topology, command).await;
         }
         Command::Send { file } => raw_request(file)?,
@@ -128,11 +127,11 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
     }
 
     // Waiting for a reply no worker will send helps nobody: say so before sending anything.
-    match client.request_queue_consumers().await {
+    match client.workers_consuming().await {
         Ok(0) => {
             return Err(Failure::unavailable(format!(
-                "no worker consumes {}: the worker is probably not running; nothing was sent (with --no-wait the request is queued until a worker starts)",
-                common.queue()
+                "no worker of the fleet {} consumes: the workers are probably not running; nothing was sent (with --no-wait the request is queued until a worker starts)",
+                common.exchange()
             )))
         }
         Err(e) => return Err(unavailable(&common, e)),
@@ -216,7 +215,7 @@ fn raw_request(file: &std::path::Path) -> Result<(Vec<u8>, Option<Op>), Failure>
 async fn connect(common: &Common, timeout: Duration) -> Result<Client, Failure> {
     let connecting = Client::connect_with(
         common.amqp_url(),
-        common.queue(),
+        common.exchange(),
         common.reply_to.as_deref().filter(|_| !common.no_wait),
     );
     match tokio::time::timeout(timeout.min(CONNECT_TIMEOUT), connecting).await {
@@ -241,13 +240,13 @@ pub(crate) fn unavailable(common: &Common, error: ClientError) -> Failure {
     Failure::unavailable(message)
 }
 
-/// No reply in time: say whether any worker consumes the request queue.
+/// No reply in time: say whether any worker of the fleet consumes.
 async fn no_reply(common: &Common, client: &Client, timeout: Duration) -> Failure {
     let seconds = timeout.as_secs_f64();
-    let cause = match client.request_queue_consumers().await {
+    let cause = match client.workers_consuming().await {
         Ok(0) => format!(
-            "no worker consumes {}: the worker is probably not running (the request waits in the queue until one starts)",
-            common.queue()
+            "no worker of the fleet {} consumes: the workers are probably not running (the request waits in the queue until one starts)",
+            common.exchange()
         ),
         _ => "the worker is busy or slow; the request may still run: check with `orchestrator getcont`, or raise --timeout".to_owned(),
     };

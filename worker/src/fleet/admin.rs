@@ -15,7 +15,6 @@ use schemas::fleet::{
 };
 use schemas::{ErrorCode, Op, PageRequest, Reply, ReplyResult, Topology};
 use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
 
 use super::gather::{gather, Gathered};
 use super::roster::Roster;
@@ -237,13 +236,28 @@ impl Admin {
         }
     }
 
-    /// Says hello every [`HELLO_EVERY_SECS`] seconds until `stop`.
-    pub async fn say_hello_periodically(self: Arc<Self>, stop: CancellationToken) {
-        let mut every = tokio::time::interval(Duration::from_secs(HELLO_EVERY_SECS));
+    /// Says hello every [`HELLO_EVERY_SECS`] seconds (the first at every (re)connect, from the
+    /// consume loop), until the task is aborted.
+    pub async fn say_hello_periodically(self: Arc<Self>) {
+        let period = Duration::from_secs(HELLO_EVERY_SECS);
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = every.tick() => self.say_hello().await,
+            every.tick().await;
+            self.say_hello().await;
+        }
+    }
+
+    /// Sets this host's fleet gauges (containers held and running, capacity), for `/metrics`.
+    pub async fn record_metrics(&self) {
+        match self.roster.own_status().await {
+            Ok(status) => crate::metrics::fleet_host(
+                &status.node,
+                status.capacity,
+                status.held,
+                status.running,
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not count this host's containers for /metrics")
             }
         }
     }

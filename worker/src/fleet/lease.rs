@@ -9,7 +9,9 @@
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use lapin::{Connection, ErrorKind};
+use lapin::Connection;
+
+use crate::broker::{amqp_code, RESOURCE_LOCKED};
 
 /// What the broker says about a host's lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +29,7 @@ pub async fn lease(connection: &Connection, alive_queue: &str) -> Lease {
     match passive_declare(connection, alive_queue).await {
         // This connection could see it: it holds it itself (a host asking about itself).
         Ok(_) => Lease::Held,
-        Err(Refusal::Code(405)) => Lease::Held,
+        Err(Refusal::Code(RESOURCE_LOCKED)) => Lease::Held,
         Err(Refusal::Code(404)) => Lease::Gone,
         Err(Refusal::Code(code)) => Lease::Unknown(format!("the broker answered {code}")),
         Err(Refusal::Failed(reason)) => Lease::Unknown(reason),
@@ -70,9 +72,9 @@ async fn passive_declare(connection: &Connection, queue: &str) -> Result<u32, Re
             let _ = channel.close(200, "asked".into()).await;
             Ok(declared.message_count())
         }
-        Err(e) => Err(match e.kind() {
-            ErrorKind::ProtocolError(amqp) => Refusal::Code(amqp.get_id()),
-            _ => Refusal::Failed(format!("the broker could not be asked about {queue}: {e}")),
+        Err(e) => Err(match amqp_code(&e) {
+            Some(code) => Refusal::Code(code),
+            None => Refusal::Failed(format!("the broker could not be asked about {queue}: {e}")),
         }),
     }
 }
