@@ -114,6 +114,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE requests ADD COLUMN digest TEXT;
 "#,
     r#"
+    -- Whether a run of the worker is under way in this data directory: set at start-up,
+    -- cleared at a clean shutdown. Found set at start-up, the previous run died, and the
+    -- node's lease may still be held by its connection until the broker drops it.
+    CREATE TABLE run_marker (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        running INTEGER NOT NULL
+    );
+"#,
+    r#"
     -- The other hosts of the fleet this host has heard of (RELIABILITY.md, "Fleet membership"):
     -- what each last said about itself (a JSON HostStatus), so that a restarted host still
     -- knows whom to expect in a gather and whom to name when it is gone.
