@@ -20,10 +20,6 @@ use crate::publish_confirmed;
 /// RabbitMQ's direct reply-to pseudo-queue: the answer comes back on the asking channel.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
-/// How many times `forget` drains again when a request arrived between its last look and the
-/// deletion of the queue.
-const DELETE_ATTEMPTS: u32 = 20;
-
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
     #[error("could not reach the broker: {0}")]
@@ -44,8 +40,6 @@ pub enum FleetError {
     Alive { node: String, lease: String },
     #[error("the broker refused the reply to a request waiting for host {0}; nothing more was done: run `orchestrator fleet forget {0}` again")]
     ReplyRefused(String),
-    #[error("requests kept arriving in {0} while it was being deleted; run `orchestrator fleet forget` again")]
-    KeptArriving(String),
 }
 
 /// Asks one live host for the table of every host known.
@@ -124,13 +118,16 @@ pub struct Forgotten {
     pub admin_dropped: u32,
     /// `false`: the host's queue did not exist (already forgotten, or never there).
     pub queue_deleted: bool,
+    /// Requests that arrived between the drain and the deletion: deleted with the queue,
+    /// unanswered (their requesters time out).
+    pub dropped: u32,
 }
 
 /// Forgets host `node`: refused while its lease is held. Holds the lease itself meanwhile, so
 /// that no worker with that node id starts during it; answers every request waiting in the
 /// host's queue `503 unavailable` (to its `reply_to`, else to `default_reply_queue`) and drops
-/// admin messages; deletes the queue once it is empty (which removes its bindings, so its names
-/// can be started elsewhere), and tells every host to forget it.
+/// admin messages; deletes the queue once it is drained (which removes its bindings, so its
+/// names can be started elsewhere), and tells every host to forget it.
 pub async fn forget(
     amqp_url: &str,
     topology: &Topology,
@@ -141,35 +138,22 @@ pub async fn forget(
     take_lease(&connection, topology, node).await?;
     let queue = topology.host_queue(node);
     let mut forgotten = Forgotten::default();
-    let mut attempts = 0;
-    loop {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    if drain(&channel, &queue, node, default_reply_queue, &mut forgotten)
+        .await?
+        .is_some()
+    {
+        // Quorum queues refuse `if_empty` (and refuse it as a connection error), so the queue
+        // is deleted as it is, right after the drain found it empty: what the deletion reports
+        // is what arrived in between, dropped without a reply.
+        let dropped = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await?;
-        let Some(()) = drain(&channel, &queue, node, default_reply_queue, &mut forgotten).await?
-        else {
-            break; // the queue does not exist
-        };
-        let deleted = channel
-            .queue_delete(
-                queue.as_str().into(),
-                QueueDeleteOptions {
-                    if_empty: true,
-                    ..QueueDeleteOptions::default()
-                },
-            )
-            .await;
-        match deleted {
-            Ok(_) => {
-                forgotten.queue_deleted = true;
-                break;
-            }
-            // 406: not empty (something arrived since the last look); the channel is closed.
-            Err(e) if refused_with(&e) == Some(406) && attempts < DELETE_ATTEMPTS => attempts += 1,
-            Err(e) if refused_with(&e) == Some(406) => return Err(FleetError::KeptArriving(queue)),
-            Err(e) => return Err(e.into()),
-        }
+        forgotten.dropped = dropped;
+        forgotten.queue_deleted = true;
     }
     tell_every_host(&connection, topology, node).await?;
     let _ = connection.close(200, "forgotten".into()).await;

@@ -103,7 +103,6 @@ impl Worker {
                     gather_timeout: settings.gather_timeout,
                 },
                 store.clone(),
-                Arc::clone(&publisher),
             )
             .await
             .context("could not read the hosts of the fleet this host knows")?,

@@ -155,6 +155,13 @@ pub fn forgotten_text(node: &NodeId, topology: &Topology, forgotten: &Forgotten)
             forgotten.undeliverable
         ));
     }
+    if forgotten.dropped > 0 {
+        text.push_str(&format!(
+            "; {} request{} arrived while the queue was being deleted and went unanswered",
+            forgotten.dropped,
+            if forgotten.dropped == 1 { "" } else { "s" }
+        ));
+    }
     text.push_str(&format!(
         ", dropped {} admin message{}, deleted {queue} and the bindings of its names (they can now be started on other hosts); its containers' data stays on its disk",
         forgotten.admin_dropped,
@@ -209,6 +216,7 @@ mod tests {
             undeliverable: 0,
             admin_dropped: 1,
             queue_deleted: true,
+            dropped: 0,
         };
         let text = forgotten_text(&node, &topology, &done);
         assert!(text.starts_with("forgot host host-b: answered 3 waiting requests 503"));

@@ -18,9 +18,11 @@ use tokio::sync::Mutex;
 
 use super::gather::{gather, Gathered};
 use super::roster::Roster;
-use crate::broker::Publisher;
 use crate::reply::{stamp_node, ReplyHeader};
 use crate::store::{Store, StoreResult};
+
+/// How often a host looks whether its counts changed since its last hello.
+const COUNTS_CHECKED_EVERY: Duration = Duration::from_secs(2);
 
 /// An admin message as the intake hands it over.
 #[derive(Debug, Clone)]
@@ -48,23 +50,17 @@ pub struct Admin {
     roster: Roster,
     link: Link,
     store: Store,
-    publisher: Arc<Publisher>,
     gather_timeout: Duration,
 }
 
 impl Admin {
-    pub async fn new(
-        config: AdminConfig,
-        store: Store,
-        publisher: Arc<Publisher>,
-    ) -> StoreResult<Self> {
+    pub async fn new(config: AdminConfig, store: Store) -> StoreResult<Self> {
         let roster = Roster::load(&config.node, config.capacity, store.clone()).await?;
         Ok(Self {
             link: Link::new(&config.amqp_url, &config.node),
             topology: config.topology,
             roster,
             store,
-            publisher,
             gather_timeout: config.gather_timeout,
         })
     }
@@ -79,7 +75,11 @@ impl Admin {
         let result = match message.kind.as_str() {
             HELLO => match serde_json::from_slice::<HostStatus>(&message.body) {
                 Ok(status) => {
-                    self.roster.heard(status).await;
+                    // A host new to this one (it just joined) has not heard of this one
+                    // either: hello back, once, so that it knows whom to wait for at once.
+                    if self.roster.heard(status).await {
+                        self.say_hello().await;
+                    }
                     Ok(())
                 }
                 Err(e) => Err(format!("an unreadable hello: {e}")),
@@ -153,16 +153,14 @@ impl Admin {
         let Some(reply_to) = &message.reply_to else {
             return Err("it has no reply_to to answer to".into());
         };
-        let mut properties = BasicProperties::default()
-            .with_type(kind.into())
-            .with_content_type("application/json".into());
+        let mut properties = admin_properties(kind);
         if let Some(correlation_id) = &message.correlation_id {
             properties = properties.with_correlation_id(correlation_id.as_str().into());
         }
-        self.publisher
-            .publish_to(reply_to, body, properties)
+        // Not mandatory: RabbitMQ 3.10 returns a mandatory publish to a direct reply-to name
+        // even when it delivers it. An answer nobody waits for any more is lost, harmlessly.
+        self.publish("", reply_to, body, properties)
             .await
-            .map(drop)
             .map_err(|e| format!("could not answer it: {e}"))
     }
 
@@ -224,9 +222,17 @@ impl Admin {
     /// Tells every host about this one (`orchestrator.hello` on `<exchange>.all`, with a TTL of
     /// the hello period). Called at every (re)connect and by [`Admin::say_hello_periodically`].
     pub async fn say_hello(&self) {
+        match self.roster.own_status().await {
+            Ok(status) => self.say(&status).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not count this host's containers for its hello")
+            }
+        }
+    }
+
+    async fn say(&self, status: &HostStatus) {
         let said = async {
-            let status = self.roster.own_status().await.map_err(|e| e.to_string())?;
-            let body = serde_json::to_vec(&status).expect("a status serialises");
+            let body = serde_json::to_vec(status).expect("a status serialises");
             self.publish_to_all(HELLO, &body, Some(Duration::from_secs(HELLO_EVERY_SECS)))
                 .await
                 .map_err(|e| e.to_string())
@@ -237,13 +243,25 @@ impl Admin {
     }
 
     /// Says hello every [`HELLO_EVERY_SECS`] seconds (the first at every (re)connect, from the
-    /// consume loop), until the task is aborted.
+    /// consume loop), and sooner, within [`COUNTS_CHECKED_EVERY`], when this host's counts
+    /// changed, so that what the others remember of a host that dies is recent. Runs until the
+    /// task is aborted.
     pub async fn say_hello_periodically(self: Arc<Self>) {
         let period = Duration::from_secs(HELLO_EVERY_SECS);
-        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut every = tokio::time::interval(COUNTS_CHECKED_EVERY);
+        let mut said: Option<(HostStatus, tokio::time::Instant)> = None;
         loop {
             every.tick().await;
-            self.say_hello().await;
+            let Ok(status) = self.roster.own_status().await else {
+                continue;
+            };
+            let due = said.as_ref().is_none_or(|(last, at)| {
+                at.elapsed() >= period || (last.held, last.running) != (status.held, status.running)
+            });
+            if due {
+                self.say(&status).await;
+                said = Some((status, tokio::time::Instant::now()));
+            }
         }
     }
 
@@ -269,19 +287,30 @@ impl Admin {
         body: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), lapin::Error> {
+        let mut properties = admin_properties(kind);
+        if let Some(ttl) = ttl {
+            properties = properties.with_expiration(ttl.as_millis().to_string().into());
+        }
+        self.publish(&self.topology.all(), "", body, properties)
+            .await
+    }
+
+    /// Publishes on the admin plane's connection (not confirmed: admin messages are said
+    /// again or asked again when lost).
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), lapin::Error> {
         let connection = self.link.connection().await?;
         let published = async {
             let channel = connection.create_channel().await?;
-            let mut properties = BasicProperties::default()
-                .with_type(kind.into())
-                .with_content_type("application/json".into());
-            if let Some(ttl) = ttl {
-                properties = properties.with_expiration(ttl.as_millis().to_string().into());
-            }
             channel
                 .basic_publish(
-                    self.topology.all().as_str().into(),
-                    "".into(),
+                    exchange.into(),
+                    routing_key.into(),
                     BasicPublishOptions::default(),
                     body,
                     properties,
@@ -295,6 +324,12 @@ impl Admin {
         }
         published
     }
+}
+
+fn admin_properties(kind: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_type(kind.into())
+        .with_content_type("application/json".into())
 }
 
 /// The admin plane's own connection (gathers, leases, hellos), opened when first needed and

@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_lite::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use schemas::fleet::{GatherAnswer, GatherAsk, HostStatus, GATHER};
 use schemas::{ContainerPage, NodeId, Topology};
 use tokio::task::JoinSet;
@@ -102,7 +102,46 @@ pub async fn gather(
 ) -> Result<Gathered, lapin::Error> {
     let deadline = tokio::time::Instant::now() + timeout;
     let channel = connection.create_channel().await?;
-    let mut replies = channel
+    let asked = ask(&channel, topology, limit, timeout).await?;
+    let mut gathered = Gathered {
+        known: roster.others(),
+        timeout,
+        ..Gathered::default()
+    };
+    gathered
+        .leases
+        .insert(roster.node().to_owned(), Lease::Held);
+    let mut checks = JoinSet::new();
+    for node in gathered.known.keys() {
+        check_lease(&mut checks, connection, topology, node);
+    }
+    let link = (connection, topology);
+    collect(&mut gathered, &mut checks, asked, link, deadline).await;
+    // Leases still being checked at the deadline: the host was not heard, so it is named.
+    checks.abort_all();
+    let _ = channel.close(200, "gathered".into()).await;
+    for status in gathered.known.values() {
+        roster.heard(status.clone()).await;
+    }
+    forget_forgotten(connection, topology, roster, &mut gathered).await;
+    Ok(gathered)
+}
+
+/// A gather question on its way: the answers' consumer, and the question's correlation id.
+struct Asked {
+    replies: Consumer,
+    correlation_id: String,
+}
+
+/// Publishes the question to every host (`<exchange>.all`), its answers to come back on
+/// `channel` by direct reply-to.
+async fn ask(
+    channel: &Channel,
+    topology: &Topology,
+    limit: u32,
+    timeout: Duration,
+) -> Result<Asked, lapin::Error> {
+    let replies = channel
         .basic_consume(
             DIRECT_REPLY_TO.into(),
             "".into(),
@@ -130,19 +169,21 @@ pub async fn gather(
             properties,
         )
         .await?;
+    Ok(Asked {
+        replies,
+        correlation_id,
+    })
+}
 
-    let mut gathered = Gathered {
-        known: roster.others(),
-        timeout,
-        ..Gathered::default()
-    };
-    gathered
-        .leases
-        .insert(roster.node().to_owned(), Lease::Held);
-    let mut checks = JoinSet::new();
-    for node in gathered.known.keys() {
-        check_lease(&mut checks, connection, topology, node);
-    }
+/// Takes in answers and lease checks until every host not known to be gone has answered, or
+/// `deadline`.
+async fn collect(
+    gathered: &mut Gathered,
+    checks: &mut JoinSet<(String, Lease)>,
+    mut asked: Asked,
+    (connection, topology): (&Arc<Connection>, &Topology),
+    deadline: tokio::time::Instant,
+) {
     loop {
         let waiting = gathered
             .known
@@ -153,34 +194,29 @@ pub async fn gather(
                     && gathered.leases.get(node) != Some(&Lease::Gone)
             });
         if !waiting && checks.is_empty() {
-            break;
+            return;
         }
         tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => break,
+            _ = tokio::time::sleep_until(deadline) => return,
             Some(checked) = checks.join_next(), if !checks.is_empty() => {
                 if let Ok((node, lease)) = checked {
                     gathered.leases.insert(node, lease);
                 }
             }
-            reply = replies.next() => {
-                let Some(Ok(delivery)) = reply else { break };
+            reply = asked.replies.next() => {
+                let Some(Ok(delivery)) = reply else { return };
                 let ours = delivery.properties.correlation_id().as_ref().map(|c| c.as_str())
-                    == Some(correlation_id.as_str());
+                    == Some(asked.correlation_id.as_str());
                 let Ok(answer) = serde_json::from_slice::<GatherAnswer>(&delivery.data) else {
                     tracing::warn!("a host answered a gather with something unreadable; ignored");
                     continue;
                 };
                 if ours {
-                    learn(&mut gathered, &mut checks, connection, topology, answer);
+                    learn(gathered, checks, connection, topology, answer);
                 }
             }
         }
     }
-    // Leases still being checked at the deadline: the host was not heard, so it is named.
-    checks.abort_all();
-    let _ = channel.close(200, "gathered".into()).await;
-    forget_forgotten(connection, topology, roster, &mut gathered).await;
-    Ok(gathered)
 }
 
 /// Takes in an answer: the host, and the hosts it knows of (whose leases are then checked).

@@ -52,18 +52,20 @@ impl Roster {
     }
 
     /// Takes in what a host said about itself (or what another host last heard from it): kept
-    /// when it is newer than what this host knew. This host's own status is not kept.
-    pub async fn heard(&self, status: HostStatus) {
+    /// when it is newer than what this host knew. This host's own status is not kept. `true`
+    /// when the host was not known before.
+    pub async fn heard(&self, status: HostStatus) -> bool {
         if status.node == self.node {
-            return;
+            return false;
         }
-        let newer = {
+        let (newer, new) = {
             let mut others = self.others.lock().unwrap_or_else(|p| p.into_inner());
             match others.get(&status.node) {
-                Some(known) if known.at_ms >= status.at_ms => false,
-                _ => {
+                Some(known) if known.at_ms >= status.at_ms => (false, false),
+                known => {
+                    let new = known.is_none();
                     others.insert(status.node.clone(), status.clone());
-                    true
+                    (true, new)
                 }
             }
         };
@@ -72,7 +74,11 @@ impl Roster {
             if let Err(e) = self.store.remember_host(status).await {
                 tracing::warn!(%node, error = %e, "could not record a host of the fleet; it is known until this worker stops");
             }
+            if new {
+                tracing::info!(%node, "heard of a new host of the fleet");
+            }
         }
+        new
     }
 
     /// Forgets a host (`orchestrator fleet forget`, or its queue found gone).
@@ -118,8 +124,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state.db")).unwrap();
         let roster = Roster::load("a", None, store.clone()).await.unwrap();
-        roster.heard(status("b", 3, 100)).await;
-        roster.heard(status("b", 1, 50)).await; // older: ignored
+        assert!(roster.heard(status("b", 3, 100)).await, "b is new");
+        assert!(!roster.heard(status("b", 1, 50)).await); // older: ignored
         roster.heard(status("c", 0, 100)).await;
         roster.heard(status("a", 9, 100)).await; // itself: not kept
         roster.forget("c").await;

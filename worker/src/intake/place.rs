@@ -112,7 +112,7 @@ impl Placer<'_> {
             };
             tracing::debug!("this host has room: taking starts");
             loop {
-                let delivery = match next_request(&mut consumer, stop).await {
+                let delivery = match next_request(&mut consumer, stop, Some(intake)).await {
                     Ok(delivery) => delivery,
                     Err(ended) => return ended,
                 };
