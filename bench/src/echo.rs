@@ -233,6 +233,7 @@ fn reply_body(request: &[u8], correlation_id: Option<String>) -> Vec<u8> {
             image_version: "latest".into(),
             binds: BTreeMap::new(),
             volume_name: None,
+            node: None,
         })),
         None => None,
     };

@@ -12,6 +12,7 @@
 //! `orchestrator` command line, built on this client.
 
 pub mod cli;
+pub mod fleet;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -15,10 +15,13 @@ use std::fmt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod duration;
+pub mod fleet;
 mod names;
 mod redact;
 mod topology;
 
+pub use duration::parse_duration;
 pub use names::{ContainerName, InvalidContainerName};
 pub use redact::redact_url;
 pub use topology::{
@@ -255,7 +258,7 @@ pub struct Reply {
     pub op: Option<Op>,
     /// The container the request named, when it named one.
     pub container_name: Option<String>,
-    /// HTTP meaning: 200, 201, 204, 400, 403, 404, 409, 413, 422, 500, 504.
+    /// HTTP meaning: 200, 201, 204, 400, 403, 404, 409, 413, 422, 500, 503, 504.
     pub status: u16,
     /// `true` exactly when `status` is below 400.
     pub ok: bool,
@@ -279,6 +282,35 @@ pub struct Reply {
     pub node: String,
     /// Time from the worker taking the request to the reply, in milliseconds.
     pub duration_ms: u64,
+}
+
+impl Reply {
+    /// A final error reply from `node`: what every refusal looks like, with no result.
+    pub fn failure(
+        node: &str,
+        op: Option<Op>,
+        container_name: Option<String>,
+        correlation_id: Option<&str>,
+        error: ReplyError,
+        duration_ms: u64,
+    ) -> Self {
+        Reply {
+            v: PROTOCOL_VERSION,
+            correlation_id: correlation_id.map(str::to_owned),
+            op,
+            container_name,
+            status: error.code.status(),
+            ok: false,
+            is_final: true,
+            stage: None,
+            position: None,
+            result: None,
+            error: Some(error),
+            warnings: Vec::new(),
+            node: node.to_owned(),
+            duration_ms,
+        }
+    }
 }
 
 /// The status of a progress envelope: accepted, not finished.
@@ -349,6 +381,10 @@ pub struct ContainerRecord {
     pub binds: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_name: Option<String>,
+    /// The host (node id) that holds the container: where its requests run (absent in replies
+    /// of older workers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// One page of `getallcont`. Pages run through the registered containers by name, then the
@@ -374,6 +410,9 @@ pub struct ContainerPage {
 pub struct LeftoverData {
     pub container_name: String,
     pub container_image: String,
+    /// The host (node id) whose disk holds the data (absent in replies of older workers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// The binds of a container after a volume operation.
@@ -404,6 +443,9 @@ pub enum ErrorCode {
     Timeout,
     DeadlineExceeded,
     Internal,
+    /// 503: the host that held the container was forgotten (`orchestrator fleet forget`) before
+    /// it ran the request; send it again.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -416,6 +458,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => 413,
             ErrorCode::Unprocessable => 422,
             ErrorCode::RuntimeFailed | ErrorCode::Internal => 500,
+            ErrorCode::Unavailable => 503,
             ErrorCode::Timeout | ErrorCode::DeadlineExceeded => 504,
         }
     }

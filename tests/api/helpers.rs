@@ -172,6 +172,11 @@ impl TestWorker {
     }
 
     /// Kills the worker process at once (SIGKILL): no drain, no flush.
+    /// The worker process's id while it runs (to stop or kill it with a signal).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     pub fn kill(&mut self) {
         self.process.kill();
     }

@@ -286,3 +286,45 @@ async fn a_non_loopback_http_address_stops_the_worker_without_http_allow_remote(
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--http-allow-remote"), "{stderr}");
 }
+
+#[tokio::test]
+async fn metrics_show_this_hosts_share_of_the_fleet_labelled_by_its_node() {
+    // Arrange: capacity 3, two containers placed here, one of them stopped.
+    let port = free_loopback_port();
+    let worker = spawn_worker_with(WorkerOptions {
+        args: vec![
+            "--http-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--max-containers".into(),
+            "3".into(),
+        ],
+        ..WorkerOptions::default()
+    })
+    .await;
+    assert_eq!(worker.call(start_request("shared1")).await.status, 201);
+    assert_eq!(worker.call(start_request("shared2")).await.status, 201);
+    assert_eq!(worker.call(named("stop", "shared2")).await.status, 200);
+    assert_eq!(
+        worker
+            .call(serde_json::json!({"op": "getallcont"}))
+            .await
+            .status,
+        200
+    );
+
+    // Act
+    let (_, metrics) = get(port, "/metrics").await;
+
+    // Assert: every series carries the node, so a dashboard sums them over the fleet.
+    let node = &worker.node;
+    let value = |name: &str| sample(&metrics, &format!("{name}{{node=\"{node}\"}}"));
+    assert_eq!(
+        value("orchestrator_fleet_containers_held"),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(value("orchestrator_fleet_containers_running"), 1.0);
+    assert_eq!(value("orchestrator_fleet_capacity"), 3.0);
+    assert_eq!(value("orchestrator_fleet_placements_total"), 2.0);
+    assert!(value("orchestrator_fleet_gathers_answered_total") >= 1.0);
+}

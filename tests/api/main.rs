@@ -15,6 +15,7 @@ mod deployment;
 mod failures;
 mod faults;
 mod fleet;
+mod fleet_admin;
 mod hostile;
 mod http;
 mod idempotency;

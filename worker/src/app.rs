@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, Publisher};
+use crate::fleet::{Admin, AdminConfig};
 use crate::intake::{consume_until_cancelled, Drain, Fatal, Intake, Readiness};
 use crate::ops::OpContext;
 use crate::outbox;
@@ -92,6 +93,20 @@ impl Worker {
             .connect()
             .await
             .context("could not start the worker")?;
+        let fleet = Arc::new(
+            Admin::new(
+                AdminConfig {
+                    node: node.to_string(),
+                    topology: broker.topology.clone(),
+                    amqp_url: settings.amqp_url.clone(),
+                    capacity: settings.max_containers,
+                    gather_timeout: settings.gather_timeout,
+                },
+                store.clone(),
+            )
+            .await
+            .context("could not read the hosts of the fleet this host knows")?,
+        );
         let wiring = Wiring {
             unclean_start,
             settings: &settings,
@@ -99,6 +114,7 @@ impl Worker {
             store: &store,
             runtime: &runtime,
             publisher: &publisher,
+            fleet: &fleet,
         };
         Ok(wiring.into_worker(bind_roots, http, broker))
     }
@@ -151,6 +167,7 @@ impl Worker {
                 self.readiness.clone(),
                 self.store.clone(),
                 self.scheduler.clone(),
+                Arc::clone(&self.intake.fleet),
                 http_stop.clone(),
             ))
         });
@@ -161,10 +178,15 @@ impl Worker {
             Arc::clone(&self.outbox_wake),
             outbox_stop.clone(),
         ));
-        let pruner = tokio::spawn(prune_periodically(
+        // Stopped with the pruner: a hello is said again at the next start.
+        let hello = Arc::clone(&self.intake.fleet).say_hello_periodically();
+        let pruning = prune_periodically(
             self.store.clone(),
             Duration::from_secs(self.settings.dedupe_hours * 3600),
-        ));
+        );
+        let pruner = tokio::spawn(async move {
+            tokio::join!(hello, pruning);
+        });
         Background {
             serving,
             http_stop,
@@ -322,6 +344,7 @@ struct Wiring<'a> {
     store: &'a Store,
     runtime: &'a Arc<dyn Runtime>,
     publisher: &'a Arc<Publisher>,
+    fleet: &'a Arc<Admin>,
 }
 
 impl Wiring<'_> {
@@ -378,6 +401,7 @@ impl Wiring<'_> {
             max_attempts: settings.max_attempts,
             stop: stop.clone(),
             abort: abort.clone(),
+            fleet: Arc::clone(self.fleet),
         };
         Worker {
             settings: settings.clone(),

@@ -4,6 +4,7 @@
 //! Readiness is shared with the consume loop ([`Readiness`]); the store is probed on each
 //! `/readyz`, so a full disk turns it 503 without waiting for a request to fail.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -13,6 +14,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
+use crate::fleet::Admin;
 pub use crate::intake::Readiness;
 use crate::scheduler::Scheduler;
 use crate::store::Store;
@@ -27,6 +29,7 @@ struct AppState {
     readiness: Readiness,
     store: Store,
     scheduler: Scheduler,
+    fleet: Arc<Admin>,
 }
 
 /// Serves the endpoints on `listener` until `stop` is cancelled.
@@ -35,6 +38,7 @@ pub async fn serve(
     readiness: Readiness,
     store: Store,
     scheduler: Scheduler,
+    fleet: Arc<Admin>,
     stop: CancellationToken,
 ) {
     let handle = crate::metrics::recorder();
@@ -55,6 +59,7 @@ pub async fn serve(
             readiness,
             store,
             scheduler,
+            fleet,
         });
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -97,6 +102,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let (lanes, longest) = state.scheduler.depth();
     metrics::gauge!(crate::metrics::LANES).set(lanes as f64);
     metrics::gauge!(crate::metrics::LONGEST_LANE).set(longest as f64);
+    state.fleet.record_metrics().await;
     match state.store.depths().await {
         Ok((inbox, outbox)) => {
             metrics::gauge!(crate::metrics::INBOX_DEPTH).set(inbox as f64);

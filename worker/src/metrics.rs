@@ -40,6 +40,18 @@ pub const BROKER_RECONNECTS: &str = "orchestrator_broker_reconnects_total";
 /// (an instance the worker has no record of).
 pub const RECONCILER_FINDINGS: &str = "orchestrator_reconciler_findings_total";
 
+/// Containers this host holds (registered, running or not), labelled `node`: a fleet
+/// dashboard sums it over hosts. Read at scrape time.
+pub const FLEET_CONTAINERS_HELD: &str = "orchestrator_fleet_containers_held";
+/// Containers running on this host, labelled `node`. Read at scrape time.
+pub const FLEET_CONTAINERS_RUNNING: &str = "orchestrator_fleet_containers_running";
+/// `--max-containers` of this host, labelled `node`; absent when unlimited.
+pub const FLEET_CAPACITY: &str = "orchestrator_fleet_capacity";
+/// Starts of names nobody owned that this host took and placed on itself, labelled `node`.
+pub const FLEET_PLACEMENTS: &str = "orchestrator_fleet_placements_total";
+/// Gathers (`orchestrator.gather`) this host answered, labelled `node`.
+pub const FLEET_GATHERS_ANSWERED: &str = "orchestrator_fleet_gathers_answered_total";
+
 /// Histogram buckets of operation durations, in seconds: reads take milliseconds, builds minutes.
 const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -108,6 +120,42 @@ fn describe() {
         RECONCILER_FINDINGS,
         "Reconciler findings, by kind (dead, unknown)"
     );
+    describe_fleet();
+}
+
+fn describe_fleet() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!(FLEET_CONTAINERS_HELD, "Containers this host holds, by node");
+    describe_gauge!(FLEET_CONTAINERS_RUNNING, "Containers running, by node");
+    describe_gauge!(FLEET_CAPACITY, "--max-containers of this host, by node");
+    describe_counter!(
+        FLEET_PLACEMENTS,
+        "Starts of unowned names placed on this host, by node"
+    );
+    describe_counter!(
+        FLEET_GATHERS_ANSWERED,
+        "Gathers this host answered, by node"
+    );
+}
+
+/// This host's share of the fleet, at scrape time.
+pub fn fleet_host(node: &str, capacity: Option<u32>, held: u64, running: u64) {
+    let node = node.to_owned();
+    metrics::gauge!(FLEET_CONTAINERS_HELD, "node" => node.clone()).set(held as f64);
+    metrics::gauge!(FLEET_CONTAINERS_RUNNING, "node" => node.clone()).set(running as f64);
+    if let Some(capacity) = capacity {
+        metrics::gauge!(FLEET_CAPACITY, "node" => node).set(f64::from(capacity));
+    }
+}
+
+/// This host took a start of a name nobody owned and placed it on itself.
+pub fn placement_taken(node: &str) {
+    metrics::counter!(FLEET_PLACEMENTS, "node" => node.to_owned()).increment(1);
+}
+
+/// This host answered a gather.
+pub fn gather_answered(node: &str) {
+    metrics::counter!(FLEET_GATHERS_ANSWERED, "node" => node.to_owned()).increment(1);
 }
 
 /// A request was taken from the queue.

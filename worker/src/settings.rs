@@ -163,6 +163,13 @@ pub struct Settings {
     #[arg(long, env = "ORCHESTRATOR_DEDUPE_HOURS", default_value_t = 24)]
     pub dedupe_hours: u64,
 
+    /// How long a fleet-wide `getallcont` (and `orchestrator fleet hosts`) waits for the other
+    /// hosts to answer: 90, 5s, 500ms. A host whose worker runs but does not answer in time is
+    /// named in the reply's warnings, its containers missing; a host whose worker is gone is
+    /// named at once, without waiting.
+    #[arg(long, env = "ORCHESTRATOR_GATHER_TIMEOUT", default_value = "5s", value_parser = schemas::parse_duration)]
+    pub gather_timeout: Duration,
+
     /// Log lines on stderr: `text` for people (coloured only on a terminal), `json` for log
     /// collectors (one object per line). `RUST_LOG` chooses what is logged.
     #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -343,6 +350,7 @@ mod tests {
         );
         assert_eq!(settings.log_format, LogFormat::Text);
         assert_eq!(settings.http_listen_addr(), Ok(None));
+        assert_eq!(settings.gather_timeout, Duration::from_secs(5));
     }
 
     #[test]

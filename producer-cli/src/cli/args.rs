@@ -12,6 +12,7 @@ use schemas::{
 };
 
 pub use crate::DEFAULT_AMQP_URL;
+pub use schemas::parse_duration;
 
 /// How long `start` and `restart` wait by default: an image build can take many minutes.
 pub const DEFAULT_LONG_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -106,6 +107,10 @@ pub enum Command {
     /// Print the replies waiting in the worker's default reply queue, one JSON envelope a line
     /// (where `--no-wait` without `--reply-to` sends them); each is removed once printed.
     Replies(RepliesArgs),
+    /// The fleet's hosts: `fleet hosts` lists them, `fleet forget NODE` forgets one that is
+    /// gone for good.
+    #[command(subcommand)]
+    Fleet(super::fleet::FleetCommand),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -213,9 +218,10 @@ impl Command {
             Command::Deletecontdata(args) => Request::Deletecontdata(named(args)),
             Command::Createvolume(args) => Request::Createvolume(volume(args)),
             Command::Deletevolume(args) => Request::Deletevolume(volume(args)),
-            Command::Send { .. } | Command::Replies(_) | Command::Completions { .. } => {
-                return None
-            }
+            Command::Send { .. }
+            | Command::Replies(_)
+            | Command::Fleet(_)
+            | Command::Completions { .. } => return None,
         })
     }
 }
@@ -300,46 +306,9 @@ fn parse_bind(text: &str) -> Result<(String, String), String> {
     }
 }
 
-/// `90`, `90s`, `5m`, `1h`, `500ms`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 90, 90s, 5m, 1h or 500ms"))?;
-    let duration = match unit {
-        "" | "s" => Duration::from_secs(number),
-        "ms" => Duration::from_millis(number),
-        "m" => Duration::from_secs(number * 60),
-        "h" => Duration::from_secs(number * 3600),
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {text:?}; use ms, s, m or h"
-            ))
-        }
-    };
-    if duration.is_zero() {
-        return Err("the timeout must be longer than zero".into());
-    }
-    Ok(duration)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_read_as_people_write_them() {
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("0").is_err());
-    }
 
     #[test]
     fn start_flags_become_the_protocol_fields() {

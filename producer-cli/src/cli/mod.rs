@@ -3,6 +3,7 @@
 //! branch on. `main.rs` only calls [`main`].
 
 mod args;
+mod fleet;
 mod output;
 mod progress;
 mod replies;
@@ -91,6 +92,11 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
             return Ok(Exit::Success);
         }
         Command::Replies(args) => return replies::print(&common, args).await,
+        Command::Fleet(command) => {
+            let topology = schemas::Topology::new(common.exchange())
+                .expect("resolve() accepted the exchange's name");
+            return fleet::run(&common, &topology, command).await;
+        }
         Command::Send { file } => raw_request(file)?,
         command => {
             let request = command

@@ -60,15 +60,16 @@ fn binds_text(binds: &std::collections::BTreeMap<String, String>) -> String {
 
 /// Containers as aligned columns, then the data deleted containers left, then the page.
 fn table(page: &ContainerPage) -> String {
-    let mut rows = vec![[
-        "NAME".to_owned(),
-        "STATE".to_owned(),
-        "IP".to_owned(),
-        "IMAGE".to_owned(),
-        "BINDS".to_owned(),
-    ]];
+    let fleet = page.containers.iter().any(|r| r.node.is_some());
+    let mut rows = vec![vec!["NAME", "STATE", "IP", "IMAGE", "BINDS"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>()];
+    if fleet {
+        rows[0].push("NODE".to_owned());
+    }
     for record in &page.containers {
-        rows.push([
+        let mut row = vec![
             record.container_name.clone(),
             if record.container_active {
                 "running"
@@ -83,28 +84,26 @@ fn table(page: &ContainerPage) -> String {
             },
             record.container_image.clone(),
             record.binds.len().to_string(),
-        ]);
+        ];
+        if fleet {
+            row.push(record.node.clone().unwrap_or_else(|| "-".to_owned()));
+        }
+        rows.push(row);
     }
     let mut text = String::new();
     if page.containers.is_empty() {
         text.push_str("no containers on this page\n");
     } else {
-        let widths: Vec<usize> = (0..5)
-            .map(|i| rows.iter().map(|row| row[i].len()).max().unwrap_or(0))
-            .collect();
-        for row in &rows {
-            let cells: Vec<String> = row
-                .iter()
-                .zip(&widths)
-                .map(|(cell, width)| format!("{cell:<width$}"))
-                .collect();
-            let _ = writeln!(text, "{}", cells.join("  ").trim_end());
-        }
+        text.push_str(&columns(&rows));
     }
     for data in &page.data {
+        let on = data
+            .node
+            .as_deref()
+            .map_or_else(String::new, |node| format!(" on host {node}"));
         let _ = writeln!(
             text,
-            "data left by deleted container {} (image {}); remove it with `orchestrator deletecontdata {}`",
+            "data left by deleted container {} (image {}){on}; remove it with `orchestrator deletecontdata {}`",
             data.container_name, data.container_image, data.container_name
         );
     }
@@ -127,5 +126,28 @@ fn table(page: &ContainerPage) -> String {
         );
     }
     let _ = writeln!(text);
+    text
+}
+
+/// Rows as aligned columns, separated by two spaces, one line each.
+pub fn columns(rows: &[Vec<String>]) -> String {
+    let count = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..count)
+        .map(|i| {
+            rows.iter()
+                .map(|row| row.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut text = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(text, "{}", cells.join("  ").trim_end());
+    }
     text
 }

@@ -109,6 +109,8 @@ pub async fn consume_until_cancelled(
         subscribed_before = true;
         readiness.consuming();
         tracing::info!(queue = %broker.host_queue(), "consuming requests");
+        let fleet = Arc::clone(&intake.fleet);
+        intake.tracker.spawn(async move { fleet.say_hello().await });
         let Sessions { host, fleet } = session;
         let Session {
             connection,
@@ -365,11 +367,13 @@ async fn hand_over(
 }
 
 /// Waits for the next delivery of a fleet queue that is a request; admin messages are handed
-/// to the fleet on the way. `Err(true)` when the stream ended (the channel or the connection is
-/// gone), `Err(false)` when `stop` was cancelled.
+/// to the fleet on the way (`admin`), or, without it, acknowledged and dropped (an admin
+/// message that expired is stale). `Err(true)` when the stream ended (the channel or the
+/// connection is gone), `Err(false)` when `stop` was cancelled.
 pub(super) async fn next_request(
     consumer: &mut lapin::Consumer,
     stop: &CancellationToken,
+    admin: Option<&Intake>,
 ) -> Result<lapin::message::Delivery, bool> {
     loop {
         let next = tokio::select! {
@@ -382,7 +386,10 @@ pub(super) async fn next_request(
         if !crate::fleet::is_admin(&delivery) {
             return Ok(delivery);
         }
-        crate::fleet::on_admin(delivery).await;
+        match admin {
+            Some(intake) => crate::fleet::on_admin(&intake.fleet, &intake.tracker, delivery).await,
+            None => super::ack(delivery).await,
+        }
     }
 }
 

@@ -24,7 +24,7 @@ impl Intake {
         stop: &CancellationToken,
     ) -> bool {
         loop {
-            let delivery = match next_request(&mut consumer, stop).await {
+            let delivery = match next_request(&mut consumer, stop, None).await {
                 Ok(delivery) => delivery,
                 Err(ended) => return ended,
             };

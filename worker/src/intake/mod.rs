@@ -80,6 +80,8 @@ pub struct Intake {
     /// Cancelled when the drain deadline passes: replies still waiting for the broker are given
     /// up (their deliveries are redelivered to the next run).
     pub abort: CancellationToken,
+    /// The fleet's admin plane: admin messages and fleet-wide `getallcont`s go there.
+    pub fleet: Arc<crate::fleet::Admin>,
 }
 
 /// A delivery taken apart by [`Intake::take`].
@@ -153,6 +155,10 @@ impl Intake {
     pub async fn handle_batch(&self, deliveries: Vec<Delivery>) {
         let mut writes = Vec::new();
         for delivery in deliveries {
+            if crate::fleet::is_admin(&delivery) {
+                crate::fleet::on_admin(&self.fleet, &self.tracker, delivery).await;
+                continue;
+            }
             let span = self.request_span(&delivery);
             match self.take(delivery, &span).instrument(span.clone()).await {
                 Taken::Handled => {}

@@ -8,13 +8,14 @@
 //! or answered): a host that dies while placing leaves the delivery to the broker, and the next
 //! placement finds the name bound (the probe reaches the owner) or not (placed again).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
-use schemas::{ContainerName, ErrorCode, Op, Request, Stage};
+use schemas::{ContainerName, ErrorCode, Op, PageRequest, Request, Stage};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -23,7 +24,7 @@ use super::envelope::Envelope;
 use super::{decode, requeue, Intake, Refused};
 use crate::broker::{BrokerError, Routed};
 use crate::progress::Watcher;
-use crate::reply::ReplyHeader;
+use crate::reply::{to_body, ReplyHeader};
 
 /// How long placement pauses after a failure before the delivery goes back to the broker.
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
@@ -58,7 +59,7 @@ impl Placer<'_> {
         stop: &CancellationToken,
     ) -> bool {
         loop {
-            let delivery = match next_request(&mut consumer, stop).await {
+            let delivery = match next_request(&mut consumer, stop, Some(self.intake)).await {
                 Ok(delivery) => delivery,
                 Err(ended) => return ended,
             };
@@ -111,7 +112,7 @@ impl Placer<'_> {
             };
             tracing::debug!("this host has room: taking starts");
             loop {
-                let delivery = match next_request(&mut consumer, stop).await {
+                let delivery = match next_request(&mut consumer, stop, Some(intake)).await {
                     Ok(delivery) => delivery,
                     Err(ended) => return ended,
                 };
@@ -146,13 +147,30 @@ impl Placer<'_> {
         if let Some(name) = request.container_name() {
             span.record("container", tracing::field::display(name));
         }
-        let Some(name) = request.container_name().cloned() else {
-            return match crate::fleet::on_getallcont(&intake.broker, self.channel, &delivery).await
-            {
-                Ok(()) => ack(delivery).await,
-                Err(e) => Err((delivery, e)),
-            };
+        let Request::Getallcont(page) = &request else {
+            return self.take_named(delivery, request, envelope, received).await;
         };
+        intake
+            .gather_getallcont(page.clone(), envelope, received)
+            .await;
+        ack(delivery).await
+    }
+
+    /// A request for a name from `<exchange>.place`: a `start` handed on to
+    /// `<exchange>.place.start`, anything else answered `404` unless some host owns the name by
+    /// now (the probe then delivered it there).
+    async fn take_named(
+        &self,
+        delivery: Delivery,
+        request: Request,
+        envelope: Envelope,
+        received: Instant,
+    ) -> Result<(), (Delivery, BrokerError)> {
+        let intake = self.intake;
+        let name = request
+            .container_name()
+            .cloned()
+            .expect("every request but getallcont names a container");
         if request.op() == Op::Start {
             return self.hand_on(delivery, &request, envelope).await;
         }
@@ -295,6 +313,7 @@ impl Placer<'_> {
         broker.bind_name(self.channel, name.as_str()).await?;
         abort_if_asked("placement-bound");
         tracing::info!(container = %name, "placed a new container on this host");
+        crate::metrics::placement_taken(&self.intake.node);
         Ok(())
     }
 
@@ -309,6 +328,34 @@ impl Placer<'_> {
             .broker
             .probe(self.channel, name, &delivery.data, placed(delivery))
             .await
+    }
+}
+
+impl Intake {
+    /// A `getallcont` taken from `<exchange>.place`: gathered from every host on a task of its
+    /// own, holding a pending permit as a read does, and answered directly. Like a read, it is
+    /// acknowledged once it is handed over: it changes nothing, so a lost one is asked again.
+    async fn gather_getallcont(&self, page: PageRequest, envelope: Envelope, received: Instant) {
+        crate::metrics::request_received(Some(Op::Getallcont));
+        let permit = Arc::clone(&self.pending)
+            .acquire_owned()
+            .await
+            .expect("the pending semaphore is never closed");
+        let fleet = Arc::clone(&self.fleet);
+        let answerer = self.answerer();
+        let target = envelope.target;
+        let answering = async move {
+            let correlation_id = target.correlation_id.clone();
+            let reply = fleet
+                .getallcont(&page, correlation_id.as_deref(), received)
+                .await;
+            tracing::info!(op = %Op::Getallcont, status = reply.status, warnings = reply.warnings.len(),
+                "request answered from the fleet");
+            crate::metrics::replied(Some(Op::Getallcont), reply.status, Some(received.elapsed()));
+            answerer.publish(target, to_body(&reply)).await;
+            drop(permit);
+        };
+        self.tracker.spawn(answering.in_current_span());
     }
 }
 

@@ -24,6 +24,7 @@ use schemas::{ContainerRecord, ErrorCode, Op, ReplyResult, Request, Stage};
 
 use crate::progress::Progress;
 use crate::runtime::{Runtime, RuntimeError};
+pub use getallcont::{cut as cut_page, first_records, page_of};
 pub use restore::converge_dead_instance;
 pub use start::abandon as abandon_start;
 
@@ -170,6 +171,8 @@ pub fn record(row: &ContainerRow) -> ContainerRecord {
         image_version: row.version.clone(),
         binds: row.binds.clone(),
         volume_name: row.volume_name.clone(),
+        // The executor names the node that answers (`reply::stamp_node`).
+        node: None,
     }
 }
 

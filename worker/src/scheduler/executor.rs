@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use schemas::{ErrorCode, Reply, Request, PROTOCOL_VERSION};
+use schemas::{ErrorCode, Reply, Request};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -279,22 +279,18 @@ fn final_reply(
     outcome: &Result<Outcome, OpError>,
 ) -> Reply {
     match outcome {
-        Ok(outcome) => Reply {
-            v: PROTOCOL_VERSION,
-            correlation_id: correlation_id.map(str::to_owned),
-            op: header.op,
-            container_name: header.container_name.clone(),
-            status: outcome.status,
-            ok: true,
-            is_final: true,
-            stage: None,
-            position: None,
-            result: outcome.result.clone(),
-            error: None,
-            warnings: outcome.warnings.clone(),
-            node: header.node.clone(),
-            duration_ms: header.duration_ms,
-        },
+        Ok(outcome) => {
+            let result = outcome.result.clone().map(|mut result| {
+                crate::reply::stamp_node(&mut result, &header.node);
+                result
+            });
+            header.success(
+                correlation_id,
+                outcome.status,
+                result,
+                outcome.warnings.clone(),
+            )
+        }
         Err(error) => header.error(correlation_id, error.code, &error.message),
     }
 }

@@ -122,6 +122,16 @@ pub(super) const MIGRATIONS: &[&str] = &[
         running INTEGER NOT NULL
     );
 "#,
+    r#"
+    -- The other hosts of the fleet this host has heard of (RELIABILITY.md, "Fleet membership"):
+    -- what each last said about itself (a JSON HostStatus), so that a restarted host still
+    -- knows whom to expect in a gather and whom to name when it is gone.
+    CREATE TABLE fleet_hosts (
+        node     TEXT PRIMARY KEY,
+        status   TEXT NOT NULL,
+        heard_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> StoreResult<()> {

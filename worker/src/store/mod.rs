@@ -6,9 +6,9 @@
 //! with the request still in the inbox (it is resumed at start-up) or the new state with its
 //! reply waiting in the outbox. Calls run off the async threads: reads on the blocking pool,
 //! writes on the writer thread, which commits the writes that arrive together at once
-//! ([`writer`]). One file per table: [`containers`], [`inbox`], [`outbox`]; the schema in
-//! [`migrations`]. Below the operations and the outbox; above the broker (only for its
-//! backoff and the reply address).
+//! ([`writer`]). One file per table: [`containers`], [`inbox`], [`outbox`], [`fleet`] (the
+//! hosts heard of); the schema in [`migrations`]. Below the operations and the outbox; above
+//! the broker (only for its backoff and the reply address).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension};
 
 mod containers;
+mod fleet;
 mod inbox;
 mod migrations;
 mod outbox;
