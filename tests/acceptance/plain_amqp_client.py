@@ -6,9 +6,11 @@ replies are read from a private exclusive queue (and, for requests without ``rep
 worker's default reply queue), and every reply is validated against the checked-in JSON Schema
 ``schemas/json/reply.json`` (Draft 2020-12).
 
-The worker must already be running (see ``run.sh``) with the fake apptainer, consuming ``--queue``,
-replying to ``--reply-queue`` by default, with ``--data-dir`` as its data directory and the fake's
-invocation log at ``--fake-log``.
+Requests go where any backend sends them: to the worker's exchange (``--exchange``, durable,
+direct), with the container's name as routing key (empty for ``getallcont``), and a container's
+requests only after its ``start`` was answered. The worker must already be running (see
+``run.sh``) with the fake apptainer, on ``--exchange``, replying to ``--reply-queue`` by default,
+with ``--data-dir`` as its data directory and the fake's invocation log at ``--fake-log``.
 
 Prints one line per case (``PASS name`` or ``FAIL name: why``) and a last line
 ``N passed, M failed``; exits non-zero when any case failed.
@@ -39,12 +41,20 @@ class CaseFailed(Exception):
 class Client:
     """A plain pika client: publishes requests, collects every reply by correlation id."""
 
-    def __init__(self, url, queue, default_reply_queue, validator):
-        self.queue = queue
+    def __init__(self, url, exchange, default_reply_queue, validator):
+        self.exchange = exchange
         self.default_reply_queue = default_reply_queue
         self.validator = validator
         self.connection = pika.BlockingConnection(pika.URLParameters(url))
         self.channel = self.connection.channel()
+        try:
+            # Passive: only asks whether the worker declared it (a failure closes the channel).
+            self.connection.channel().exchange_declare(exchange, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            raise SystemExit(
+                f"the exchange {exchange} does not exist ({e}): start a worker with "
+                f"--exchange {exchange} first"
+            ) from e
         self.channel.confirm_delivery()
         declared = self.channel.queue_declare(queue="", exclusive=True, auto_delete=True)
         self.private_queue = declared.method.queue
@@ -91,10 +101,11 @@ class Client:
             message_id=message_id,
             delivery_mode=2,
         )
-        # mandatory + confirms: an unroutable request (no request queue) raises here.
+        # mandatory + confirms: a request nothing could route (no worker ever declared the
+        # queues behind the exchange) raises here.
         self.channel.basic_publish(
-            exchange="",
-            routing_key=self.queue,
+            exchange=self.exchange,
+            routing_key=routing_key(body),
             body=payload,
             properties=properties,
             mandatory=True,
@@ -153,6 +164,19 @@ class Client:
             self.connection.close()
         except Exception:  # noqa: BLE001 - best effort at the end
             pass
+
+
+def routing_key(body):
+    """The container's name, which routes a request to the host that owns the container; empty
+    for a request that names none (getallcont), or a body that is not a JSON object with a
+    string name (the worker answers those 400 wherever they land)."""
+    if isinstance(body, bytes):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return ""
+    name = body.get("container_name") if isinstance(body, dict) else None
+    return name if isinstance(name, str) else ""
 
 
 def short(reply):
@@ -217,7 +241,7 @@ def invocations(path, prefix, last=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queue", default=os.environ.get("ACCEPTANCE_QUEUE"))
+    parser.add_argument("--exchange", default=os.environ.get("ACCEPTANCE_EXCHANGE"))
     parser.add_argument("--reply-queue", default=os.environ.get("ACCEPTANCE_REPLY_QUEUE"))
     parser.add_argument("--data-dir", default=os.environ.get("ACCEPTANCE_DATA_DIR"))
     parser.add_argument("--fake-log", default=os.environ.get("FAKE_APPTAINER_LOG"))
@@ -226,7 +250,7 @@ def main():
     )
     parser.add_argument("--schema", default=DEFAULT_SCHEMA)
     args = parser.parse_args()
-    for name in ("queue", "reply_queue", "data_dir", "fake_log"):
+    for name in ("exchange", "reply_queue", "data_dir", "fake_log"):
         if not getattr(args, name):
             parser.error(f"--{name.replace('_', '-')} (or its environment variable) is required")
 
@@ -235,7 +259,7 @@ def main():
     jsonschema.Draft202012Validator.check_schema(schema)
     validator = jsonschema.Draft202012Validator(schema)
 
-    client = Client(args.amqp_url, args.queue, args.reply_queue, validator)
+    client = Client(args.amqp_url, args.exchange, args.reply_queue, validator)
     results = []
 
     def case(name, fn):
