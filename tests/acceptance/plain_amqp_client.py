@@ -19,6 +19,7 @@ Prints one line per case (``PASS name`` or ``FAIL name: why``) and a last line
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -29,6 +30,7 @@ import pika
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SCHEMA = os.path.normpath(os.path.join(HERE, "..", "..", "schemas", "json", "reply.json"))
+MOVER = os.path.normpath(os.path.join(HERE, "..", "..", "deploy", "move-old-requests"))
 REPLY_TIMEOUT = 30.0
 DRAIN_SECONDS = 1.0
 HOME_MOUNT = "/home/nextpyter"
@@ -154,6 +156,21 @@ class Client:
         if properties.content_type != "application/json":
             problems.append(f"content_type is {properties.content_type!r}")
         return parsed, problems
+
+    def publish_to_queue(self, queue, body):
+        """Publishes a request the way clients of the single-host protocol did: to a queue,
+        through the default exchange. Returns the correlation id."""
+        correlation_id = f"acc-{uuid.uuid4()}"
+        properties = pika.BasicProperties(
+            content_type="application/json",
+            correlation_id=correlation_id,
+            reply_to=self.private_queue,
+            message_id=correlation_id,
+            delivery_mode=2,
+        )
+        self.channel.basic_publish("", queue, json.dumps(body).encode(), properties, mandatory=True)
+        self.sent.append(correlation_id)
+        return correlation_id
 
     def call(self, body, *, reply_to=True, message_id=None):
         correlation_id = self.publish(body, reply_to=reply_to, message_id=message_id)
@@ -629,6 +646,35 @@ def main():
         "same createvolume twice (same message_id, after the reply) -> same reply, not run again",
         duplicate_createvolume_answered,
     )
+
+    # ---------------------------------------------------------------- upgrade
+    def old_queue_moved():
+        # README, "Upgrading from a single host": requests left in the old queue reach their
+        # containers through deploy/move-old-requests, and are answered to their requesters.
+        old = f"{args.exchange}.old-requests"
+        client.channel.queue_declare(old, durable=True)
+        try:
+            read = client.publish_to_queue(old, {"op": "getcont", "container_name": B})
+            listed = client.publish_to_queue(old, {"op": "getallcont"})
+            unknown = client.publish_to_queue(old, {"op": "getcont", "container_name": f"nobody-{run}"})
+            mover = subprocess.run(
+                [sys.executable, MOVER, "--amqp-url", args.amqp_url, "--from", old,
+                 "--exchange", args.exchange],
+                capture_output=True, text=True, timeout=60,
+            )
+            expect(mover.returncode == 0, f"move-old-requests exited {mover.returncode}: {mover.stderr}")
+            expect("moved 3 request(s)" in mover.stdout, f"move-old-requests said {mover.stdout!r}")
+            reply = client.wait(read)
+            expect_status(reply, 200)
+            expect((reply.get("result") or {}).get("container_name") == B, f"record: {short(reply)}")
+            expect_status(client.wait(listed), 200)
+            expect_status(client.wait(unknown), 404, "not_found")
+            left = client.channel.queue_declare(old, passive=True).method.message_count
+            expect(left == 0, f"{left} messages left in {old}")
+        finally:
+            client.channel.queue_delete(old)
+
+    case("requests left in an old request queue -> moved to the exchange, answered", old_queue_moved)
 
     # ---------------------------------------------------------------- exactly one reply each
     def one_reply_each():
