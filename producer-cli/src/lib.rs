@@ -39,6 +39,9 @@ pub enum ClientError {
     NoReplyQueue(String),
     #[error("the request queue {0} does not exist; the worker is probably not running")]
     NoRequestQueue(String),
+    /// Stands in for fleet-core's variant until its library is merged (same name and meaning).
+    #[error("the exchange {0} does not exist; no worker has started on this broker with this --exchange")]
+    NoExchange(String),
     #[error("the broker refused the request")]
     Nacked,
     #[error("no reply within {}s", .0.as_secs_f64())]
@@ -165,6 +168,12 @@ impl Client {
     /// How many consumers (workers) the request queue has now.
     pub async fn request_queue_consumers(&self) -> Result<u32, ClientError> {
         consumer_count(&self.connection, &self.request_queue).await
+    }
+
+    /// Stands in for fleet-core's method until its library is merged: how many workers take
+    /// requests (here, the consumers of the request queue).
+    pub async fn workers_consuming(&self) -> Result<u32, ClientError> {
+        self.request_queue_consumers().await
     }
 
     /// The queue this client's replies arrive on.
