@@ -39,6 +39,8 @@ impl EchoKind {
 }
 
 pub struct Echo {
+    pub exchange: String,
+    /// The queue it consumes, `<exchange>.place`.
     pub queue: String,
     consumer: Connection,
     publisher: Connection,
@@ -46,13 +48,18 @@ pub struct Echo {
 }
 
 impl Echo {
-    /// Declares `queue` (durable, like the worker's) and starts answering it.
+    /// Declares the exchange `exchange` (a fanout, so every request reaches it) and the durable
+    /// queue `<exchange>.place` bound to it, where the client library counts consumers, and
+    /// starts answering that queue.
     pub async fn start(
         amqp_url: &str,
-        queue: &str,
+        exchange: &str,
         prefetch: u16,
         kind: EchoKind,
     ) -> anyhow::Result<Self> {
+        let topology = schemas::Topology::new(exchange).map_err(anyhow::Error::msg)?;
+        let queue = topology.place();
+        let queue = queue.as_str();
         let consumer = Connection::connect(amqp_url, ConnectionProperties::default())
             .await
             .context("the echo responder could not reach the broker")?;
@@ -65,6 +72,26 @@ impl Echo {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                exchange.into(),
+                lapin::ExchangeKind::Fanout,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                "".into(),
+                lapin::options::QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await?;
@@ -117,6 +144,7 @@ impl Echo {
             }
         });
         Ok(Self {
+            exchange: exchange.to_owned(),
             queue: queue.to_owned(),
             consumer,
             publisher,

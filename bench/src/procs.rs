@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use orchestrator_harness::{self as harness, WorkerSetup};
-pub use orchestrator_harness::{delete_queues, Binaries};
+pub use orchestrator_harness::{delete_exchanges, delete_queues, Binaries};
 use orchestrator_worker::store::{ContainerRow, Store};
 
 /// How long a worker may take to start consuming before the run is abandoned.
@@ -56,7 +56,8 @@ pub struct WorkerSpec {
 
 /// One worker process and the directory it owns.
 pub struct WorkerProcess {
-    pub queue: String,
+    /// The worker's `--exchange`.
+    pub exchange: String,
     pub dir: PathBuf,
     process: harness::WorkerProcess,
 }
@@ -118,15 +119,16 @@ impl WorkerProcess {
         spec: &WorkerSpec,
     ) -> anyhow::Result<Self> {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let queue = format!("bench.{label}.{id}.requests");
+        let exchange = format!("bench.{label}.{id}");
+        let node = format!("bench-{}", &id[..12]);
         let reply_queue = format!("bench.{label}.{id}.replies");
-        let mut setup = WorkerSetup::new(amqp_url, dir, &queue, &reply_queue);
+        let mut setup = WorkerSetup::new(amqp_url, dir, &exchange, &node, &reply_queue);
         setup.concurrency = spec.concurrency;
         setup.env = spec.env.clone();
         let process = harness::WorkerProcess::start(bins, setup)
             .with_context(|| format!("could not start {}", bins.worker.display()))?;
         Ok(Self {
-            queue,
+            exchange,
             dir: dir.to_owned(),
             process,
         })
@@ -136,7 +138,7 @@ impl WorkerProcess {
         self.process.pid().expect("the worker runs until stopped")
     }
 
-    /// Polls the request queue's consumer count until the worker consumes; returns how long
+    /// Polls the host queue's consumer count until the worker consumes; returns how long
     /// that took from `since`.
     pub async fn wait_until_consuming(&mut self, since: Instant) -> anyhow::Result<Duration> {
         match self

@@ -2,8 +2,10 @@
 //!
 //! A [`Client`] holds one connection, a private reply queue (exclusive, auto-deleted, named by
 //! the broker) and a task that routes each reply to the call awaiting its correlation id, so
-//! many calls can be in flight at once. Requests are published persistent, `mandatory` and
-//! confirmed: a request queue that does not exist is reported, not silently dropped.
+//! many calls can be in flight at once. Requests are published to the fleet's exchange
+//! (`apptainer` by default) with the container's name as routing key (`getallcont`: empty),
+//! persistent, `mandatory` and confirmed: an exchange that does not exist (no worker has ever
+//! started with it) is reported, not silently dropped.
 //!
 //! A call that asks for progress ([`Publish::progress`]) also receives the request's
 //! `"final": false` envelopes, in order, before its final reply. The [`cli`] module is the
@@ -22,7 +24,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Queue};
-use schemas::{Reply, Request, PROGRESS_HEADER};
+use schemas::{routing_key, Reply, Request, Topology, PROGRESS_HEADER};
 use tokio::sync::{mpsc, oneshot};
 
 pub use schemas;
@@ -37,11 +39,10 @@ pub enum ClientError {
     Broker(#[from] lapin::Error),
     #[error("the reply queue {0} does not exist; declare it first, or leave out --reply-to")]
     NoReplyQueue(String),
-    #[error("the request queue {0} does not exist; the worker is probably not running")]
-    NoRequestQueue(String),
-    /// Stands in for fleet-core's variant until its library is merged (same name and meaning).
     #[error("the exchange {0} does not exist; no worker has started on this broker with this --exchange")]
     NoExchange(String),
+    #[error("{0}")]
+    BadExchange(String),
     #[error("the broker refused the request")]
     Nacked,
     #[error("no reply within {}s", .0.as_secs_f64())]
@@ -83,20 +84,23 @@ pub struct Publish {
     pub reply_to: Option<String>,
     /// Asks for progress envelopes (AMQP header `x-progress: true`).
     pub progress: bool,
+    /// The routing key; by default the body's container name ([`routing_key_of`]).
+    pub routing_key: Option<String>,
 }
 
 pub struct Client {
     connection: Connection,
     channel: Channel,
-    request_queue: String,
+    topology: Topology,
     reply_queue: String,
     waiters: Waiters,
 }
 
 impl Client {
-    /// Connects and sets up a private reply queue (exclusive, auto-deleted).
-    pub async fn connect(amqp_url: &str, request_queue: &str) -> Result<Self, ClientError> {
-        Self::connect_with(amqp_url, request_queue, None).await
+    /// Connects to the fleet whose exchange is `exchange` and sets up a private reply queue
+    /// (exclusive, auto-deleted).
+    pub async fn connect(amqp_url: &str, exchange: &str) -> Result<Self, ClientError> {
+        Self::connect_with(amqp_url, exchange, None).await
     }
 
     /// Connects; replies arrive on `reply_queue` when given (an existing queue, possibly shared
@@ -104,9 +108,10 @@ impl Client {
     /// back to the queue when the client disconnects), else on a private queue.
     pub async fn connect_with(
         amqp_url: &str,
-        request_queue: &str,
+        exchange: &str,
         reply_queue: Option<&str>,
     ) -> Result<Self, ClientError> {
+        let topology = Topology::new(exchange).map_err(ClientError::BadExchange)?;
         let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
         let channel = connection.create_channel().await?;
         channel
@@ -159,21 +164,25 @@ impl Client {
         Ok(Self {
             connection,
             channel,
-            request_queue: request_queue.to_owned(),
+            topology,
             reply_queue,
             waiters,
         })
     }
 
-    /// How many consumers (workers) the request queue has now.
-    pub async fn request_queue_consumers(&self) -> Result<u32, ClientError> {
-        consumer_count(&self.connection, &self.request_queue).await
+    /// How many workers of the fleet consume now: the consumers of `<exchange>.place`, which
+    /// every live host consumes ([`ClientError::NoExchange`] when no worker ever declared it).
+    pub async fn workers_consuming(&self) -> Result<u32, ClientError> {
+        let place = self.topology.place();
+        let declared = declared(&self.connection, &place)
+            .await?
+            .ok_or_else(|| ClientError::NoExchange(self.topology.exchange().to_owned()))?;
+        Ok(declared.consumer_count())
     }
 
-    /// Stands in for fleet-core's method until its library is merged: how many workers take
-    /// requests (here, the consumers of the request queue).
-    pub async fn workers_consuming(&self) -> Result<u32, ClientError> {
-        self.request_queue_consumers().await
+    /// The fleet's names, derived from its exchange.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
     /// The queue this client's replies arrive on.
@@ -237,9 +246,13 @@ impl Client {
         Ok(pending)
     }
 
-    /// Publishes a request body without waiting for its reply; returns once the broker has
-    /// confirmed it into the request queue.
+    /// Publishes a request body to the fleet's exchange without waiting for its reply; returns
+    /// once the broker has confirmed it.
     pub async fn publish(&self, body: &[u8], options: Publish) -> Result<(), ClientError> {
+        let routing_key = options
+            .routing_key
+            .clone()
+            .unwrap_or_else(|| routing_key_of(body));
         let correlation_id = options
             .correlation_id
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -260,16 +273,46 @@ impl Client {
             headers.insert(PROGRESS_HEADER.into(), AMQPValue::Boolean(true));
             properties = properties.with_headers(headers);
         }
-        let confirmation =
-            publish_confirmed(&self.channel, &self.request_queue, body, properties).await?;
+        let exchange = self.topology.exchange();
+        let confirmation = publish_routed(&self.channel, exchange, &routing_key, body, properties)
+            .await
+            .map_err(|e| match amqp_code(&e) {
+                Some(NOT_FOUND) => ClientError::NoExchange(exchange.to_owned()),
+                _ => ClientError::Broker(e),
+            })?;
         if confirmation.is_nack() {
             return Err(ClientError::Nacked);
         }
         if confirmation.take_message().is_some() {
-            return Err(ClientError::NoRequestQueue(self.request_queue.clone()));
+            // The exchange routes everything (its alternate exchange catches what no host
+            // owns); a return means the fleet's queues were deleted under the workers.
+            return Err(ClientError::NoExchange(exchange.to_owned()));
         }
         Ok(())
     }
+}
+
+/// The AMQP reply code of a publish to an exchange that does not exist.
+const NOT_FOUND: u16 = 404;
+
+fn amqp_code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some(e.get_id()),
+        _ => None,
+    }
+}
+
+/// The routing key of a request body: [`schemas::routing_key`] when it is a valid request,
+/// else its `container_name` field when that is a string, else empty (so that the worker that
+/// takes it can refuse it).
+pub fn routing_key_of(body: &[u8]) -> String {
+    if let Ok(request) = serde_json::from_slice::<Request>(body) {
+        return routing_key(&request).to_owned();
+    }
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("container_name")?.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// Publishes `body` to `queue` through the default exchange as `mandatory` (the broker returns
@@ -281,10 +324,22 @@ pub async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<Confirmation, lapin::Error> {
+    publish_routed(channel, "", queue, body, properties).await
+}
+
+/// Publishes `body` to `exchange` with `routing_key`, `mandatory`, and waits for the broker's
+/// confirm. `channel` must be in confirm mode; an exchange that does not exist closes it.
+pub async fn publish_routed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<Confirmation, lapin::Error> {
     channel
         .basic_publish(
-            "".into(),
-            queue.into(),
+            exchange.into(),
+            routing_key.into(),
             BasicPublishOptions {
                 mandatory: true,
                 ..BasicPublishOptions::default()
@@ -296,13 +351,15 @@ pub async fn publish_confirmed(
         .await
 }
 
-/// How many consumers `queue` has now ([`ClientError::NoRequestQueue`] when it does not exist).
-/// A worker is ready once its request queue has one.
-pub async fn consumer_count(connection: &Connection, queue: &str) -> Result<u32, ClientError> {
-    let declared = declared(connection, queue)
+/// How many consumers `queue` has now, `None` when it does not exist. A worker is ready once
+/// its host queue has one.
+pub async fn consumer_count(
+    connection: &Connection,
+    queue: &str,
+) -> Result<Option<u32>, ClientError> {
+    Ok(declared(connection, queue)
         .await?
-        .ok_or_else(|| ClientError::NoRequestQueue(queue.to_owned()))?;
-    Ok(declared.consumer_count())
+        .map(|q| q.consumer_count()))
 }
 
 /// `queue` as the broker has it now (its message and consumer counts), or `None` when it does

@@ -21,28 +21,23 @@ mod topology;
 
 pub use names::{ContainerName, InvalidContainerName};
 pub use redact::redact_url;
-pub use topology::{routing_key, NodeId, Topology, DEFAULT_EXCHANGE, MAX_EXCHANGE_LEN};
+pub use topology::{
+    routing_key, NodeId, Topology, ADMIN_TYPE_PREFIX, DEFAULT_EXCHANGE, MAX_EXCHANGE_LEN,
+    PLACED_HEADER, PROBE_TYPE, REPLACED_HEADER,
+};
 
 /// The protocol version this crate speaks. Replies always carry it; a request without `v` is
 /// version 1.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// The durable queue the worker consumes requests from, unless configured otherwise.
-pub const DEFAULT_REQUEST_QUEUE: &str = "apptainer.requests";
-
 /// The durable queue replies go to when a request has no `reply_to`.
 pub const DEFAULT_REPLY_QUEUE: &str = "apptainer.replies";
-
-/// The durable queue a worker moves deliveries to that keep coming back unprocessed (the
-/// worker dies on them): named after its request queue.
-pub fn dead_letter_queue(request_queue: &str) -> String {
-    format!("{request_queue}.dead")
-}
 
 /// Where `volume_name` is bound inside the container when a `start` names one.
 pub const DEFAULT_HOME_MOUNT: &str = "/home/nextpyter";
 
-/// One request: the body of an AMQP message on the request queue, named by its `"op"`.
+/// One request: the body of an AMQP message published to the fleet's exchange, named by its
+/// `"op"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "op", rename_all = "lowercase")]
 #[schemars(

@@ -9,6 +9,23 @@ use crate::{ContainerName, Request};
 /// The exchange clients publish every request to, unless configured otherwise.
 pub const DEFAULT_EXCHANGE: &str = "apptainer";
 
+/// The AMQP `type` of every message between workers (admin messages): a delivery whose type
+/// starts with this is not a request, and a worker that does not know it acknowledges and
+/// drops it.
+pub const ADMIN_TYPE_PREFIX: &str = "orchestrator.";
+
+/// The AMQP `type` of an ownership probe (published mandatory to `<exchange>.owners`): the host
+/// that owns the name acknowledges and drops it.
+pub const PROBE_TYPE: &str = "orchestrator.probe";
+
+/// The header a request forwarded by placement carries (`true`).
+pub const PLACED_HEADER: &str = "x-orchestrator-placed";
+
+/// The header a request carries (`true`) when its placement was itself a redelivery (the host
+/// placing it before died between forwarding and acknowledging): a host that already knows its
+/// idempotency key acknowledges it without a second reply.
+pub const REPLACED_HEADER: &str = "x-orchestrator-replaced";
+
 /// The longest exchange name accepted: the longest derived name (`<exchange>.lock.<name>`, with
 /// a 64-character container name) must stay within AMQP's 255-byte limit on names.
 pub const MAX_EXCHANGE_LEN: usize = 255 - ".lock.".len() - ContainerName::MAX_LEN;

@@ -14,7 +14,9 @@ use futures_lite::StreamExt;
 use lapin::BasicProperties;
 use serde_json::{json, Value};
 
-use crate::helpers::{named, raw_client, spawn_worker_with, start_request, WorkerOptions};
+use crate::helpers::{
+    named, raw_client, spawn_worker_with, start_request, wait_until_owned, WorkerOptions,
+};
 
 const CONTAINERS: usize = 50;
 const REQUESTS: usize = 1000;
@@ -193,7 +195,7 @@ async fn killed_at_random_moments_the_worker_loses_nothing_and_runs_nothing_twic
     let began = Instant::now();
     let pause = PUBLISH_OVER / REQUESTS as u32;
     let mut recoveries = Vec::new();
-    for (correlation, body, _) in &stream {
+    for (correlation, body, expected) in &stream {
         if kill_at.first().is_some_and(|at| began.elapsed() >= *at) {
             kill_at.remove(0);
             worker.kill();
@@ -203,7 +205,13 @@ async fn killed_at_random_moments_the_worker_loses_nothing_and_runs_nothing_twic
         }
         let properties =
             BasicProperties::default().with_correlation_id(correlation.as_str().into());
-        raw.publish(&worker.queue, body, properties).await;
+        raw.publish(&worker.exchange, body, properties).await;
+        if body["op"] == "start" && *expected == Some(201) {
+            // The fleet's client rule (DESIGN.md, "Fleet"): nothing more for a new name until
+            // its start is placed, i.e. the name routes to a host.
+            let name = body["container_name"].as_str().unwrap();
+            wait_until_owned(&worker.exchange, name, Duration::from_secs(60)).await;
+        }
         tokio::time::sleep(pause).await;
     }
     while !kill_at.is_empty() {

@@ -3,40 +3,25 @@
 
 use std::process::{Command, Output};
 
-use lapin::options::QueueDeleteOptions;
-use lapin::{Connection, ConnectionProperties};
-
-use crate::helpers::{fake_bin, free_loopback_port, worker_bin, AMQP_URL};
+use crate::helpers::{delete_fleet, fake_bin, free_loopback_port, worker_bin, AMQP_URL};
 
 /// Runs `--check` with its own queues and data directory, then deletes the queues it declared.
 async fn run_check(amqp_url: &str, apptainer: &str) -> (Output, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let queue = format!("test.check.{}", uuid::Uuid::new_v4().simple());
-    let reply_queue = format!("{queue}.replies");
+    let exchange = format!("test.check.{}", uuid::Uuid::new_v4().simple());
+    let reply_queue = format!("{exchange}.replies");
     let output = Command::new(worker_bin())
         .arg("--check")
         .args(["--amqp-url", amqp_url])
-        .args(["--queue", &queue, "--reply-queue", &reply_queue])
+        .args(["--exchange", &exchange, "--node", "check-node"])
+        .args(["--reply-queue", &reply_queue])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env("APPTAINER_BIN", apptainer)
         .env("APPTAINER_CONFIGDIR", dir.path().join("apptainer"))
         .output()
         .expect("the worker binary runs");
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    for name in [
-        queue.clone(),
-        reply_queue,
-        schemas::dead_letter_queue(&queue),
-    ] {
-        let _ = channel
-            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = connection.close(200, "check test done".into()).await;
+    delete_fleet(&exchange, &["check-node"], &[&reply_queue]).await;
     (output, dir)
 }
 

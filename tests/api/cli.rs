@@ -13,21 +13,21 @@ pub(crate) fn cli_bin() -> &'static str {
     env!("CARGO_BIN_EXE_orchestrator-cli-under-test")
 }
 
-/// Runs the command line with `args`, talking to `queue` on the test broker.
-pub(crate) async fn orchestrator(queue: &str, args: &[&str]) -> Output {
+/// Runs the command line with `args`, talking to the fleet `exchange` on the test broker.
+pub(crate) async fn orchestrator(exchange: &str, args: &[&str]) -> Output {
     tokio::process::Command::new(cli_bin())
         .args(args)
         .env("AMQP_URL", AMQP_URL)
-        .env("ORCHESTRATOR_QUEUE", queue)
+        .env("ORCHESTRATOR_EXCHANGE", exchange)
         .env("NO_COLOR", "1")
         .output()
         .await
         .expect("the orchestrator binary runs")
 }
 
-/// Runs a command against the worker's queue.
+/// Runs a command against the worker's fleet.
 async fn run(worker: &TestWorker, args: &[&str]) -> Output {
-    orchestrator(&worker.queue, args).await
+    orchestrator(&worker.exchange, args).await
 }
 
 pub(crate) fn stdout(output: &Output) -> String {
@@ -61,7 +61,7 @@ pub(crate) fn assert_stderr_contains(output: &Output, expected: &str) {
 struct ScratchQueue {
     name: String,
     channel: lapin::Channel,
-    connection: lapin::Connection,
+    _connection: lapin::Connection,
 }
 
 impl ScratchQueue {
@@ -84,17 +84,8 @@ impl ScratchQueue {
         Self {
             name,
             channel,
-            connection,
+            _connection: connection,
         }
-    }
-
-    /// Messages waiting in the queue.
-    async fn depth(&self) -> u32 {
-        orchestrator_producer::declared(&self.connection, &self.name)
-            .await
-            .unwrap()
-            .expect("the scratch queue exists")
-            .message_count()
     }
 
     async fn delete(self) {
@@ -221,7 +212,7 @@ async fn an_error_reply_exits_1_with_its_message_and_status_on_stderr() {
     assert_eq!(stdout(&output), "");
     assert_eq!(
         stderr(&output),
-        "error: container nobody is not registered (404 not_found)\n"
+        "error: container nobody is not registered on any host of the fleet; start it first (404 not_found)\n"
     );
 }
 
@@ -313,13 +304,16 @@ async fn an_unreachable_broker_exits_3_and_names_the_likely_cause() {
 }
 
 #[tokio::test]
-async fn a_missing_request_queue_exits_3_saying_the_worker_is_probably_not_running() {
-    let queue = format!("test.absent.{}", uuid::Uuid::new_v4().simple());
+async fn a_missing_exchange_exits_3_saying_no_worker_has_started_with_it() {
+    let exchange = format!("test.absent.{}", uuid::Uuid::new_v4().simple());
 
-    let output = orchestrator(&queue, &["getcont", "nb1"]).await;
+    let output = orchestrator(&exchange, &["getcont", "nb1"]).await;
 
-    assert_exit(&output, 3, "a missing request queue");
-    assert_stderr_contains(&output, "the worker is probably not running");
+    assert_exit(&output, 3, "a missing exchange");
+    assert_stderr_contains(
+        &output,
+        &format!("the exchange {exchange} does not exist; no worker has started on this broker with this --exchange"),
+    );
 }
 
 #[tokio::test]
@@ -340,14 +334,15 @@ async fn a_missing_reply_queue_exits_3_saying_to_declare_it_or_leave_out_reply_t
 
 #[tokio::test]
 async fn with_the_worker_stopped_a_command_exits_3_at_once_and_sends_nothing() {
-    // Arrange: the request queue exists (durable, as a worker left it) but nobody consumes it.
-    let queue =
-        ScratchQueue::declare(format!("test.stopped.{}", uuid::Uuid::new_v4().simple())).await;
+    // Arrange: the fleet's exchange and queues exist (as a worker left them) but nobody
+    // consumes them.
+    let mut worker = spawn_worker().await;
+    worker.terminate(std::time::Duration::from_secs(30)).await;
 
     // Act: a start, whose own timeout is an hour.
     let started = std::time::Instant::now();
-    let output = orchestrator(
-        &queue.name,
+    let output = run(
+        &worker,
         &[
             "start",
             "nb1",
@@ -364,16 +359,24 @@ async fn with_the_worker_stopped_a_command_exits_3_at_once_and_sends_nothing() {
     .await;
 
     // Assert
-    assert_exit(&output, 3, "no worker on the queue");
+    assert_exit(&output, 3, "no worker on the fleet");
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
-    assert_stderr_contains(&output, &format!("no worker consumes {}", queue.name));
-    assert_stderr_contains(&output, "nothing was sent");
-    assert_eq!(
-        queue.depth().await,
-        0,
-        "the request was not left in the queue"
+    assert_stderr_contains(
+        &output,
+        &format!("no worker of the fleet {} consumes", worker.exchange),
     );
-    queue.delete().await;
+    assert_stderr_contains(&output, "nothing was sent");
+    let connection = lapin::Connection::connect(AMQP_URL, Default::default())
+        .await
+        .unwrap();
+    for queue in [worker.topology().place(), worker.host_queue()] {
+        let depth = orchestrator_producer::declared(&connection, &queue)
+            .await
+            .unwrap()
+            .expect("the queue exists")
+            .message_count();
+        assert_eq!(depth, 0, "the request was not left in {queue}");
+    }
 }
 
 #[tokio::test]

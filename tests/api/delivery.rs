@@ -100,8 +100,15 @@ async fn full_reply_queue(raw: &RawClient) -> String {
         )
         .await
         .unwrap();
-    raw.publish(&name, &json!({"filler": true}), BasicProperties::default())
-        .await;
+    let confirmation = orchestrator_producer::publish_confirmed(
+        &raw.channel,
+        &name,
+        br#"{"filler": true}"#,
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    assert!(confirmation.is_ack() && confirmation.take_message().is_none());
     name
 }
 
@@ -160,6 +167,8 @@ async fn a_dead_letter_goes_to_a_redeclared_dead_letter_queue_when_it_was_delete
         ..WorkerOptions::default()
     })
     .await;
+    // A container of this host, so that its requests go to this host's queue.
+    assert_eq!(worker.call(start_request("ghost")).await.status, 201);
     worker.kill();
     let poison = Publish {
         correlation_id: Some("poison".into()),
@@ -176,7 +185,7 @@ async fn a_dead_letter_goes_to_a_redeclared_dead_letter_queue_when_it_was_delete
         .unwrap();
     let mut held = holder
         .basic_consume(
-            worker.queue.as_str().into(),
+            worker.host_queue().as_str().into(),
             "holder".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -198,7 +207,7 @@ async fn a_dead_letter_goes_to_a_redeclared_dead_letter_queue_when_it_was_delete
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let dead = schemas::dead_letter_queue(&worker.queue);
+    let dead = worker.topology().dead_letters();
     holder
         .queue_delete(dead.as_str().into(), QueueDeleteOptions::default())
         .await

@@ -90,7 +90,7 @@ fn the_worker_user_of_security_md_passes_the_check_with_exactly_those_permission
                 tenant.user, tenant.vhost
             ),
         )
-        .env_remove("ORCHESTRATOR_QUEUE")
+        .env_remove("ORCHESTRATOR_EXCHANGE")
         .env_remove("ORCHESTRATOR_REPLY_QUEUE")
         .arg("--data-dir")
         .arg(dir.path().join("data"))

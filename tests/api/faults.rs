@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use orchestrator_producer::Publish;
@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::{
     assert_valid_reply, eventually, named, raw_client, spawn_worker, spawn_worker_with,
-    start_request, TestWorker, WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
+    start_request, wait_until_owned, TestWorker, WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
 };
 
 /// Publishes `body` with raw AMQP properties and awaits its reply on a queue of its own.
@@ -24,7 +24,7 @@ async fn call_with_properties(
 ) -> schemas::Reply {
     let mut raw = raw_client().await;
     let properties = properties.with_correlation_id(uuid::Uuid::new_v4().to_string().into());
-    raw.publish(&worker.queue, &body, properties).await;
+    raw.publish(&worker.exchange, &body, properties).await;
     let reply = raw.next_reply().await;
     assert_valid_reply(&reply);
     let _ = raw.connection.close(200, "done".into()).await;
@@ -300,6 +300,8 @@ async fn sigterm_lets_the_running_build_finish_the_queued_write_resume_and_the_q
     let running = worker
         .send(start_request("drain"), Publish::default())
         .await;
+    // Sent once the start is placed (the name routes to this host): queued behind it here.
+    wait_until_owned(&worker.exchange, "drain", Duration::from_secs(20)).await;
     let queued = worker
         .send(named("stop", "drain"), Publish::default())
         .await;
@@ -390,31 +392,30 @@ async fn closed_broker_connections_are_reopened_and_no_request_is_lost() {
 }
 
 #[tokio::test]
-async fn a_deleted_and_redeclared_request_queue_is_consumed_again() {
+async fn a_deleted_host_queue_is_declared_again_with_its_bindings_and_consumed() {
     let worker = spawn_worker().await;
+    assert_eq!(worker.call(start_request("kept")).await.status, 201);
     let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
 
+    // The broker cancels the worker's consumer; the queue's bindings go with it.
     channel
-        .queue_delete(worker.queue.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
-    channel
-        .queue_declare(
-            worker.queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
+        .queue_delete(
+            worker.host_queue().as_str().into(),
+            QueueDeleteOptions::default(),
         )
         .await
         .unwrap();
 
     let reply = worker.call(json!({"op": "getallcont"})).await;
     assert_eq!(reply.status, 200);
+    let reply = worker.call(named("getcont", "kept")).await;
+    assert_eq!(
+        reply.status, 200,
+        "the container's name routes to its host again"
+    );
 }
 
 #[tokio::test]
@@ -480,7 +481,16 @@ async fn a_full_disk_stops_acknowledging_and_the_worker_recovers_when_space_retu
     let log = worker.log();
 
     // Assert: nothing acknowledged (the broker still holds all five), and the log says why.
-    let (ready, unacknowledged) = queue_depth(&worker.queue);
+    // The broker's counts of a quorum queue lag a little: poll them.
+    let mut depth = (0, 0);
+    for _ in 0..50 {
+        depth = queue_depth(&worker.host_queue());
+        if depth.0 + depth.1 == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ready, unacknowledged) = depth;
     assert_eq!(
         ready + unacknowledged,
         5,

@@ -1,5 +1,6 @@
 //! Shared test plumbing: a real worker process per test, against the real broker and
-//! `fake-apptainer`, with its own queues, data directory and fake state.
+//! `fake-apptainer`, with its own exchange (every broker name derives from it), data directory
+//! and fake state.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -69,13 +70,18 @@ pub struct WorkerOptions {
     pub env: Vec<(String, String)>,
     /// Run the worker in the test's directory with `--data-dir data`, a relative path.
     pub relative_data_dir: bool,
+    /// Join this fleet (`--exchange`) instead of a fresh one of the test's own.
+    pub exchange: Option<String>,
+    /// `--node`; a fresh one by default.
+    pub node: Option<String>,
 }
 
 /// One worker process with everything it owns.
 pub struct TestWorker {
     /// The worker's node id; its broker connections are named after it.
     pub node: String,
-    pub queue: String,
+    /// The fleet's exchange: requests are published to it.
+    pub exchange: String,
     pub reply_queue: String,
     pub dir: tempfile::TempDir,
     pub client: Client,
@@ -93,11 +99,11 @@ pub async fn spawn_worker_with(options: WorkerOptions) -> TestWorker {
         .tempdir()
         .unwrap();
     std::fs::create_dir_all(dir.path().join("data/volumes")).unwrap();
-    let queue = format!("test.requests.{id}");
+    let exchange = options.exchange.unwrap_or_else(|| format!("test.{id}"));
     let reply_queue = format!("test.replies.{id}");
-    let node = format!("test-{id}");
-    let mut setup = WorkerSetup::new(AMQP_URL, dir.path(), &queue, &reply_queue);
-    setup.node = Some(node.clone());
+    let node = options.node.unwrap_or_else(|| format!("test-{id}"));
+    let setup = WorkerSetup::new(AMQP_URL, dir.path(), &exchange, &node, &reply_queue);
+    let mut setup = setup;
     setup.data_dir = match (options.data_dir, options.relative_data_dir) {
         (Some(data), _) => data,
         (None, true) => PathBuf::from("data"),
@@ -112,8 +118,8 @@ pub async fn spawn_worker_with(options: WorkerOptions) -> TestWorker {
     let process = WorkerProcess::start(&binaries(), setup).expect("the worker binary starts");
     let mut worker = TestWorker {
         node,
-        client: Client::connect(AMQP_URL, &queue).await.unwrap(),
-        queue,
+        client: Client::connect(AMQP_URL, &exchange).await.unwrap(),
+        exchange,
         reply_queue,
         dir,
         process,
@@ -140,7 +146,17 @@ impl TestWorker {
         self.process.control_fake(lines).unwrap();
     }
 
-    /// Waits until the worker's consumer is registered on the request queue.
+    /// This worker's host queue.
+    pub fn host_queue(&self) -> String {
+        self.process.setup.host_queue()
+    }
+
+    /// The fleet's names.
+    pub fn topology(&self) -> schemas::Topology {
+        self.process.setup.topology()
+    }
+
+    /// Waits until the worker's consumer is registered on its host queue.
     async fn wait_until_consuming(&mut self) {
         if let Err(e) = self
             .process
@@ -395,17 +411,20 @@ pub async fn raw_client() -> RawClient {
 }
 
 impl RawClient {
-    /// Publishes `body` to `queue` with exactly `properties`, made persistent and with this
-    /// client's queue as `reply_to`, through the producer's `publish_confirmed`; fails the
-    /// test unless the broker confirms it into an existing queue.
-    pub async fn publish(&self, queue: &str, body: &Value, properties: BasicProperties) {
+    /// Publishes `body` to the fleet's `exchange` (routing key: its container name) with
+    /// exactly `properties`, made persistent and with this client's queue as `reply_to`,
+    /// through the producer's `publish_routed`; fails the test unless the broker confirms it
+    /// into a queue.
+    pub async fn publish(&self, exchange: &str, body: &Value, properties: BasicProperties) {
         let properties = properties
             .with_reply_to(self.reply_queue.as_str().into())
             .with_delivery_mode(2);
         let body = body.to_string();
-        let confirmation = orchestrator_producer::publish_confirmed(
+        let key = orchestrator_producer::routing_key_of(body.as_bytes());
+        let confirmation = orchestrator_producer::publish_routed(
             &self.channel,
-            queue,
+            exchange,
+            &key,
             body.as_bytes(),
             properties,
         )
@@ -414,7 +433,7 @@ impl RawClient {
         assert!(confirmation.is_ack(), "the broker refused {body}");
         assert!(
             confirmation.take_message().is_none(),
-            "{queue} does not exist: {body} came back"
+            "{exchange} routed {body} nowhere: it came back"
         );
     }
 
@@ -456,4 +475,42 @@ pub async fn poll_until(
 pub fn free_loopback_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
+}
+
+/// Deletes everything a fleet `exchange` declared on the broker: its shared queues, the host
+/// queues of `nodes`, `extra_queues` and its exchanges.
+pub async fn delete_fleet(exchange: &str, nodes: &[&str], extra_queues: &[&str]) {
+    let topology = schemas::Topology::new(exchange).unwrap();
+    let mut queues = orchestrator_harness::fleet_queues(&topology);
+    for node in nodes {
+        queues.push(topology.host_queue(&schemas::NodeId::parse(node).unwrap()));
+    }
+    queues.extend(extra_queues.iter().map(|q| (*q).to_owned()));
+    let names: Vec<&str> = queues.iter().map(String::as_str).collect();
+    orchestrator_harness::delete_queues(AMQP_URL, &names).await;
+    orchestrator_harness::delete_exchanges(AMQP_URL, &topology).await;
+}
+
+/// Whether some host of the fleet `exchange` owns `name` now: a probe (AMQP type
+/// `orchestrator.probe`, which hosts acknowledge and drop) published mandatory to
+/// `<exchange>.owners` with the name as routing key is routed, not returned.
+pub async fn is_owned(channel: &lapin::Channel, exchange: &str, name: &str) -> bool {
+    let owners = schemas::Topology::new(exchange).unwrap().owners();
+    let properties = BasicProperties::default().with_type(schemas::PROBE_TYPE.into());
+    let confirmation =
+        orchestrator_producer::publish_routed(channel, &owners, name, b"{}", properties)
+            .await
+            .unwrap();
+    confirmation.take_message().is_none()
+}
+
+/// Waits (at most `limit`) until some host of the fleet `exchange` owns `name`.
+pub async fn wait_until_owned(exchange: &str, name: &str, limit: Duration) {
+    let raw = raw_client().await;
+    let what = format!("{name} being owned by a host of {exchange}");
+    poll_until(&what, limit, Duration::from_millis(10), async || {
+        is_owned(&raw.channel, exchange, name).await
+    })
+    .await;
+    let _ = raw.connection.close(200, "done".into()).await;
 }

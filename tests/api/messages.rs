@@ -22,19 +22,27 @@ async fn a_password_containing_at_signs_never_reaches_the_command_lines_messages
 }
 
 #[tokio::test]
-async fn an_empty_queue_name_is_refused_before_anything_is_sent() {
+async fn an_empty_exchange_name_is_refused_before_anything_is_sent() {
     let output = orchestrator("", &["getcont", "nb1"]).await;
 
-    assert_exit(&output, 2, "an empty ORCHESTRATOR_QUEUE");
-    assert_stderr_contains(&output, "the request queue's name is empty");
-    assert_stderr_contains(&output, "ORCHESTRATOR_QUEUE");
+    assert_exit(&output, 2, "an empty ORCHESTRATOR_EXCHANGE");
+    assert_stderr_contains(&output, "the exchange's name is empty");
+    assert_stderr_contains(&output, "ORCHESTRATOR_EXCHANGE");
 }
 
 #[test]
-fn the_worker_refuses_an_empty_queue_name_at_once() {
-    for (flag, env) in [
-        ("--queue", "ORCHESTRATOR_QUEUE"),
-        ("--reply-queue", "ORCHESTRATOR_REPLY_QUEUE"),
+fn the_worker_refuses_an_empty_exchange_or_queue_name_at_once() {
+    for (flag, env, said) in [
+        (
+            "--exchange",
+            "ORCHESTRATOR_EXCHANGE",
+            "the exchange's name is empty",
+        ),
+        (
+            "--reply-queue",
+            "ORCHESTRATOR_REPLY_QUEUE",
+            "the queue's name is empty",
+        ),
     ] {
         let output = Command::new(worker_bin())
             .args(["--check", flag, ""])
@@ -43,9 +51,31 @@ fn the_worker_refuses_an_empty_queue_name_at_once() {
 
         let text = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{flag} '': {text}");
-        assert!(text.contains("the queue's name is empty"), "{text}");
+        assert!(text.contains(said), "{text}");
         assert!(text.contains(env), "{text}");
     }
+}
+
+#[test]
+fn the_worker_refuses_an_invalid_node_id_and_the_removed_queue_flag() {
+    let output = Command::new(worker_bin())
+        .args(["--check", "--node", "host a"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("the node id \"host a\" is not valid"),
+        "{text}"
+    );
+
+    let output = Command::new(worker_bin())
+        .args(["--check", "--queue", "apptainer.requests"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("--queue"), "{text}");
 }
 
 #[tokio::test]
@@ -58,7 +88,7 @@ async fn usage_lines_do_not_claim_that_settings_from_the_environment_are_require
         .lines()
         .find(|l| l.starts_with("Usage:"))
         .unwrap_or_else(|| panic!("no usage line in:\n{text}"));
-    assert!(!usage.contains("--queue"), "{usage}");
+    assert!(!usage.contains("--exchange"), "{usage}");
     assert!(!usage.contains("--amqp-url"), "{usage}");
 }
 
@@ -98,13 +128,13 @@ fn the_workers_help_shows_the_default_broker_url() {
 async fn replies_prints_what_no_wait_sent_to_the_default_reply_queue() {
     // Arrange: the test worker's default reply queue stands for apptainer.replies.
     let worker = spawn_worker().await;
-    let sent = orchestrator(&worker.queue, &["--no-wait", "getcont", "nb1"]).await;
+    let sent = orchestrator(&worker.exchange, &["--no-wait", "getcont", "nb1"]).await;
     assert_exit(&sent, 0, "--no-wait");
     let correlation_id = stdout(&sent).trim().to_owned();
 
     // Act
     let output = orchestrator(
-        &worker.queue,
+        &worker.exchange,
         &[
             "replies",
             "--reply-queue",
@@ -125,7 +155,7 @@ async fn replies_prints_what_no_wait_sent_to_the_default_reply_queue() {
     let reply: schemas::Reply = serde_json::from_str(line).unwrap();
     assert_eq!(reply.status, 404);
     let again = orchestrator(
-        &worker.queue,
+        &worker.exchange,
         &["replies", "--reply-queue", &worker.reply_queue],
     )
     .await;

@@ -25,7 +25,10 @@ fn max_overlap(calls: &[FakeCall]) -> usize {
 #[tokio::test]
 async fn requests_for_one_container_run_one_at_a_time_in_publish_order() {
     let worker = spawn_worker().await;
-    let mut requests = vec![start_request("ordered")];
+    // The start first, answered: a client sends more for a name only after its start's reply
+    // (the name is bound to its host by then; DESIGN.md, "Fleet").
+    let mut statuses = vec![worker.call(start_request("ordered")).await.status];
+    let mut requests = Vec::new();
     for i in 0..29 {
         requests.push(named(
             if i % 2 == 0 { "stop" } else { "restart" },
@@ -33,12 +36,11 @@ async fn requests_for_one_container_run_one_at_a_time_in_publish_order() {
         ));
     }
 
-    // Publish all 30 back to back, then collect the replies.
+    // Publish the other 29 back to back, then collect the replies.
     let mut pending = Vec::new();
     for request in &requests {
         pending.push(worker.send(request.clone(), Publish::default()).await);
     }
-    let mut statuses = Vec::new();
     for reply in pending {
         statuses.push(reply.wait(REPLY_TIMEOUT).await.unwrap().status);
     }
@@ -145,7 +147,7 @@ async fn a_stop_does_not_wait_for_builds_that_fill_every_build_slot() {
 }
 
 #[tokio::test]
-async fn a_getcont_published_after_a_start_sees_the_started_container() {
+async fn a_getcont_published_while_its_containers_start_runs_sees_the_started_container() {
     let worker = spawn_worker_with(WorkerOptions {
         env: vec![("FAKE_APPTAINER_DELAY_MS".into(), "build=500".into())],
         ..WorkerOptions::default()
@@ -153,6 +155,8 @@ async fn a_getcont_published_after_a_start_sees_the_started_container() {
     .await;
 
     let start = worker.send(start_request("seen"), Publish::default()).await;
+    // Placed (its name bound to the host) once its build begins.
+    worker.wait_for_builds_begun(1, REPLY_TIMEOUT).await;
     let get = worker
         .send(named("getcont", "seen"), Publish::default())
         .await;

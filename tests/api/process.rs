@@ -7,12 +7,10 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use lapin::options::QueueDeleteOptions;
-use lapin::{Connection, ConnectionProperties};
 use orchestrator_producer::Publish;
 
 use crate::helpers::{
-    fake_bin, spawn_worker_with, start_request, worker_bin, WorkerOptions, AMQP_URL,
+    delete_fleet, fake_bin, spawn_worker_with, start_request, worker_bin, WorkerOptions, AMQP_URL,
 };
 
 /// How long a worker that cannot work may take to say so and exit.
@@ -22,15 +20,16 @@ const EXIT_LIMIT: Duration = Duration::from_secs(30);
 /// waits at most [`EXIT_LIMIT`] for it to exit; a worker still running then is killed and the
 /// test fails with its log. Deletes the queues it may have declared.
 async fn run_worker_expecting_exit(prefix: &[&str], data_dir: &Path, args: &[&str]) -> Output {
-    let queue = format!("test.startup.{}", uuid::Uuid::new_v4().simple());
-    let reply_queue = format!("{queue}.replies");
+    let exchange = format!("test.startup.{}", uuid::Uuid::new_v4().simple());
+    let reply_queue = format!("{exchange}.replies");
     let (program, before) = match prefix.split_first() {
         Some((program, rest)) => (*program, [rest, &[worker_bin()]].concat()),
         None => (worker_bin(), vec![]),
     };
     let mut child = Command::new(program)
         .args(before)
-        .args(["--queue", &queue, "--reply-queue", &reply_queue])
+        .args(["--exchange", &exchange, "--node", "startup-node"])
+        .args(["--reply-queue", &reply_queue])
         .args(["--amqp-url", AMQP_URL])
         .arg("--data-dir")
         .arg(data_dir)
@@ -54,31 +53,13 @@ async fn run_worker_expecting_exit(prefix: &[&str], data_dir: &Path, args: &[&st
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let output = child.wait_with_output().unwrap();
-    delete_queues(&[
-        queue.clone(),
-        reply_queue,
-        schemas::dead_letter_queue(&queue),
-    ])
-    .await;
+    delete_fleet(&exchange, &["startup-node"], &[&reply_queue]).await;
     assert!(
         exited,
         "the worker was still running {EXIT_LIMIT:?} after its start; stderr:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     output
-}
-
-async fn delete_queues(queues: &[String]) {
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    for queue in queues {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = connection.close(200, "start-up test done".into()).await;
 }
 
 fn chmod(path: &Path, mode: u32) {

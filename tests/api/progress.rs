@@ -86,6 +86,9 @@ async fn queued_tells_how_many_requests_are_ahead_in_the_lane() {
     let worker = spawn_worker().await;
     worker.control_fake(&["DELAY_MS=build=1500"]);
     let first = worker.send(start_request("nb1"), Publish::default()).await;
+    // Placed on the host (its name bound) once its build begins; clients wait for that, or
+    // for the start's reply, before sending more for the name (DESIGN.md, "Fleet").
+    worker.wait_for_builds_begun(1, REPLY_TIMEOUT).await;
 
     // Act: a stop queued behind it, asking for progress.
     let (events, reply) = call_with_progress(&worker, named("stop", "nb1"), true).await;
@@ -100,9 +103,10 @@ async fn queued_tells_how_many_requests_are_ahead_in_the_lane() {
 #[tokio::test]
 async fn a_read_that_asks_for_progress_hears_queued_then_its_reply() {
     let worker = spawn_worker().await;
+    assert_eq!(worker.call(start_request("nb1")).await.status, 201);
 
     let (events, reply) = call_with_progress(&worker, named("getcont", "nb1"), true).await;
 
     assert_eq!(stages(&events), ["queued"]);
-    assert_eq!(reply.status, 404);
+    assert_eq!(reply.status, 200);
 }

@@ -62,9 +62,6 @@ async fn a_worker_killed_during_a_build_finishes_the_start_once_after_it_restart
     let start = worker
         .send(start_request("crash"), Publish::default())
         .await;
-    let behind = worker
-        .send(named("stop", "crash"), Publish::default())
-        .await;
     let beside = worker
         .send(start_request("bystander"), Publish::default())
         .await;
@@ -75,6 +72,10 @@ async fn a_worker_killed_during_a_build_finishes_the_start_once_after_it_restart
         assert!(Instant::now() < deadline, "the build never began");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Sent once the start is placed (its build began): queued behind it on this host.
+    let behind = worker
+        .send(named("stop", "crash"), Publish::default())
+        .await;
 
     // Act: kill it mid-build, then start it again.
     worker.kill();

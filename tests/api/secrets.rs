@@ -17,7 +17,11 @@ fn run_worker(args: &[&str], env: &[(&str, &str)]) -> (String, String) {
         .args(args)
         .arg("--data-dir")
         .arg(data.path())
-        .args(["--queue", &format!("test.secrets.{}", uuid::Uuid::new_v4())])
+        .args([
+            "--exchange",
+            &format!("test.secrets.{}", uuid::Uuid::new_v4()),
+        ])
+        .args(["--node", "secrets-node"])
         .env_remove("AMQP_URL")
         // A working apptainer, so the worker gets as far as the broker.
         .env("APPTAINER_BIN", fake_bin())

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use lapin::options::QueueDeleteOptions;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
+use schemas::{NodeId, Topology};
 
 /// The binaries a worker process needs: the worker and the `apptainer` it runs.
 #[derive(Debug, Clone)]
@@ -29,10 +30,11 @@ pub struct WorkerSetup {
     pub dir: PathBuf,
     /// `--data-dir`: absolute, or relative to `dir`.
     pub data_dir: PathBuf,
-    pub queue: String,
+    /// `--exchange`: the fleet's names derive from it.
+    pub exchange: String,
     pub reply_queue: String,
-    /// `--node`; the worker's default (the host name) when `None`.
-    pub node: Option<String>,
+    /// `--node`: names the worker's host queue.
+    pub node: String,
     pub concurrency: u32,
     /// Extra command-line arguments, before `--amqp-url` and `--concurrency`.
     pub args: Vec<String>,
@@ -41,29 +43,40 @@ pub struct WorkerSetup {
 }
 
 impl WorkerSetup {
-    /// A worker in `dir` with its data in `dir/data`, four builds at once.
-    pub fn new(amqp_url: &str, dir: &Path, queue: &str, reply_queue: &str) -> Self {
+    /// A worker `node` of the fleet `exchange` in `dir`, with its data in `dir/data`, four
+    /// builds at once.
+    pub fn new(amqp_url: &str, dir: &Path, exchange: &str, node: &str, reply_queue: &str) -> Self {
         Self {
             amqp_url: amqp_url.to_owned(),
             dir: dir.to_owned(),
             data_dir: dir.join("data"),
-            queue: queue.to_owned(),
+            exchange: exchange.to_owned(),
             reply_queue: reply_queue.to_owned(),
-            node: None,
+            node: node.to_owned(),
             concurrency: 4,
             args: Vec::new(),
             env: Vec::new(),
         }
     }
 
-    /// The queues the worker uses: its request queue, its default reply queue and the
-    /// dead-letter queue it declares next to the request queue.
-    pub fn queues(&self) -> [String; 3] {
-        [
-            self.queue.clone(),
-            self.reply_queue.clone(),
-            schemas::dead_letter_queue(&self.queue),
-        ]
+    /// The fleet's names.
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.exchange).expect("a valid exchange name")
+    }
+
+    /// This worker's host queue.
+    pub fn host_queue(&self) -> String {
+        self.topology()
+            .host_queue(&NodeId::parse(&self.node).expect("a valid node id"))
+    }
+
+    /// The queues the worker declares: its host queue, the fleet's shared queues, its default
+    /// reply queue and the dead-letter queue.
+    pub fn queues(&self) -> Vec<String> {
+        let mut queues = fleet_queues(&self.topology());
+        queues.push(self.host_queue());
+        queues.push(self.reply_queue.clone());
+        queues
     }
 
     /// The worker's command line and environment: fake-apptainer as `apptainer`, with its
@@ -75,8 +88,13 @@ impl WorkerSetup {
             .open(self.dir.join("worker.log"))?;
         let mut command = Command::new(&bins.worker);
         command
-            .args(["--queue", &self.queue, "--reply-queue", &self.reply_queue])
-            .args(self.node.iter().flat_map(|node| ["--node", node]))
+            .args([
+                "--exchange",
+                &self.exchange,
+                "--reply-queue",
+                &self.reply_queue,
+            ])
+            .args(["--node", &self.node])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .current_dir(&self.dir)
@@ -163,7 +181,7 @@ impl WorkerProcess {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Polls (every `every`, at most `limit`) the request queue's consumer count until the
+    /// Polls (every `every`, at most `limit`) the host queue's consumer count until the
     /// worker consumes; fails at once when the process exits.
     pub async fn wait_until_consuming(
         &mut self,
@@ -182,9 +200,9 @@ impl WorkerProcess {
                     Err(e) => break Err(NotReady::Io(e)),
                 }
             }
-            if orchestrator_producer::consumer_count(&connection, &self.setup.queue)
+            if orchestrator_producer::consumer_count(&connection, &self.setup.host_queue())
                 .await
-                .is_ok_and(|consumers| consumers > 0)
+                .is_ok_and(|consumers| consumers.is_some_and(|n| n > 0))
             {
                 break Ok(());
             }
@@ -255,11 +273,12 @@ impl WorkerProcess {
             .status();
     }
 
-    /// Deletes the worker's queues ([`WorkerSetup::queues`]).
+    /// Deletes the worker's queues ([`WorkerSetup::queues`]) and the fleet's exchanges.
     pub async fn delete_queues(&self) {
         let queues = self.setup.queues();
         let names: Vec<&str> = queues.iter().map(String::as_str).collect();
         delete_queues(&self.setup.amqp_url, &names).await;
+        delete_exchanges(&self.setup.amqp_url, &self.setup.topology()).await;
     }
 }
 
@@ -267,6 +286,40 @@ impl Drop for WorkerProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The queues every worker of the fleet declares, whatever its node: `<ex>.place`,
+/// `<ex>.place.start`, `<ex>.expired` and `<ex>.dead`.
+pub fn fleet_queues(topology: &Topology) -> Vec<String> {
+    vec![
+        topology.place(),
+        topology.place_start(),
+        topology.expired(),
+        topology.dead_letters(),
+    ]
+}
+
+/// Deletes the fleet's exchanges, ignoring failures (they may be gone already).
+pub async fn delete_exchanges(amqp_url: &str, topology: &Topology) {
+    let Ok(connection) = Connection::connect(amqp_url, ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    if let Ok(channel) = connection.create_channel().await {
+        for exchange in [
+            topology.exchange().to_owned(),
+            topology.unrouted(),
+            topology.owners(),
+            topology.nodes(),
+            topology.all(),
+            topology.expired(),
+        ] {
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
 }
 
 /// Deletes queues, ignoring failures (they may be gone already).

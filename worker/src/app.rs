@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use schemas::NodeId;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, Publisher};
-use crate::intake::{consume_until_cancelled, Drain, Intake, Readiness};
+use crate::intake::{consume_until_cancelled, Drain, Fatal, Intake, Readiness};
 use crate::ops::OpContext;
 use crate::outbox;
 use crate::progress::Progress;
@@ -31,7 +32,7 @@ const FINAL_FLUSH: Duration = Duration::from_secs(10);
 
 pub struct Worker {
     settings: Settings,
-    node: String,
+    node: NodeId,
     store: Store,
     runtime: Arc<dyn Runtime>,
     broker: Broker,
@@ -68,7 +69,10 @@ impl Worker {
         crate::check::fit_to_start(&settings)
             .await
             .context("the worker cannot work on this host")?;
-        let node = settings.node_id();
+        let node = settings
+            .node_id()
+            .map_err(anyhow::Error::msg)
+            .context("the worker needs a node id")?;
         let http = bind_http(&settings).await?;
         let bind_roots = prepare_data_dir(&mut settings)?;
         let store = Store::open(&settings.state_db()).with_context(|| {
@@ -110,13 +114,15 @@ impl Worker {
         };
         tracing::info!(
             node = %self.node,
-            queue = %self.broker.request_queue,
+            exchange = %self.broker.topology.exchange(),
+            queue = %self.broker.host_queue(),
             broker = %self.settings.redacted_amqp_url(),
             resumed,
             "worker started"
         );
-        let deadline = self.consume_then_drain(shutdown).await;
+        let (deadline, consumed) = self.consume_then_drain(shutdown).await;
         self.stop_background(background, deadline).await;
+        consumed.context("the worker stopped consuming")?;
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -181,7 +187,10 @@ impl Worker {
     /// deliveries but keeps its channel open until the work in flight is done (it waits on the
     /// tracker itself); the wait here covers what remains, with no polling.
     /// Returns the drain deadline, which the reconciler is also given.
-    async fn consume_then_drain(&self, shutdown: impl Future<Output = ()>) -> tokio::time::Instant {
+    async fn consume_then_drain(
+        &self,
+        shutdown: impl Future<Output = ()>,
+    ) -> (tokio::time::Instant, Result<(), Fatal>) {
         let consuming = consume_until_cancelled(
             &self.broker,
             &self.intake,
@@ -193,9 +202,10 @@ impl Worker {
             },
         );
         tokio::pin!(consuming);
+        let mut consumed = None;
         tokio::select! {
             () = shutdown => tracing::info!("shutdown requested; draining"),
-            () = &mut consuming => {}
+            result = &mut consuming => consumed = Some(result),
         }
         self.stop.cancel();
         let deadline = tokio::time::Instant::now() + self.settings.drain_timeout();
@@ -206,7 +216,10 @@ impl Worker {
                 abort.cancel();
             })
         };
-        consuming.await;
+        let consumed = match consumed {
+            Some(result) => result,
+            None => consuming.await,
+        };
         self.tracker.close();
         if tokio::time::timeout_at(deadline, self.tracker.wait())
             .await
@@ -218,7 +231,7 @@ impl Worker {
         }
         self.abort.cancel();
         drain_deadline.abort();
-        deadline
+        (deadline, consumed)
     }
 
     /// Stops what runs beside the consumer: the pruner, the reconciler (it had until the drain
@@ -291,7 +304,7 @@ impl Worker {
 /// The parts `build` opened, wired into the lanes, the executor and the intake.
 struct Wiring<'a> {
     settings: &'a Settings,
-    node: &'a str,
+    node: &'a NodeId,
     store: &'a Store,
     runtime: &'a Arc<dyn Runtime>,
     publisher: &'a Arc<Publisher>,
@@ -320,7 +333,7 @@ impl Wiring<'_> {
                 home_mount: settings.home_mount.clone(),
                 progress: Arc::clone(&progress),
             },
-            node: self.node.to_owned(),
+            node: self.node.to_string(),
             outbox_wake: Arc::clone(&outbox_wake),
             max_attempts: settings.max_attempts,
             restore: settings.restore_policy == RestorePolicy::Restart,
@@ -328,6 +341,7 @@ impl Wiring<'_> {
         };
         let scheduler = Scheduler::new(executor, tracker.clone(), stop.clone());
         let intake = Intake {
+            broker: broker.clone(),
             store: store.clone(),
             scheduler: scheduler.clone(),
             publisher: Arc::clone(self.publisher),
@@ -335,7 +349,7 @@ impl Wiring<'_> {
             outbox_wake: Arc::clone(&outbox_wake),
             pending: Arc::new(Semaphore::new(settings.max_pending)),
             tracker: tracker.clone(),
-            node: self.node.to_owned(),
+            node: self.node.to_string(),
             default_reply_queue: settings.reply_queue.clone(),
             dead_letter_queue: settings.dead_letter_queue(),
             max_body_bytes: settings.max_body_bytes,
@@ -345,7 +359,7 @@ impl Wiring<'_> {
         };
         Worker {
             settings: settings.clone(),
-            node: self.node.to_owned(),
+            node: self.node.clone(),
             store: store.clone(),
             runtime: Arc::clone(self.runtime),
             broker,

@@ -13,6 +13,7 @@ use crate::broker::Broker;
 use crate::runtime::{Apptainer, Limits, Runtime};
 use crate::settings::Settings;
 use crate::store::Store;
+use schemas::NodeId;
 
 /// How long the broker check may take before it counts as unreachable.
 const BROKER_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
@@ -103,7 +104,13 @@ pub async fn run(settings: &Settings) -> Report {
     let checks = vec![
         Check {
             name: "settings",
-            outcome: check_settings(settings, &node),
+            outcome: node
+                .clone()
+                .map_err(|reason| Failure {
+                    reason,
+                    fix: "give --node / ORCHESTRATOR_NODE a valid node id".into(),
+                })
+                .and_then(|node| check_settings(settings, &node)),
         },
         Check {
             name: "data directory",
@@ -111,7 +118,13 @@ pub async fn run(settings: &Settings) -> Report {
         },
         Check {
             name: "broker",
-            outcome: check_broker(settings, &node).await,
+            outcome: match &node {
+                Ok(node) => check_broker(settings, node).await,
+                Err(reason) => failed(
+                    reason.clone(),
+                    "give --node / ORCHESTRATOR_NODE a valid node id",
+                ),
+            },
         },
         Check {
             name: "apptainer",
@@ -121,7 +134,7 @@ pub async fn run(settings: &Settings) -> Report {
     Report { checks }
 }
 
-fn check_settings(settings: &Settings, node: &str) -> Result<String, Failure> {
+fn check_settings(settings: &Settings, node: &NodeId) -> Result<String, Failure> {
     if let Err(e) = settings.amqp_url.parse::<lapin::uri::AMQPUri>() {
         return failed(
             format!(
@@ -151,8 +164,8 @@ fn check_settings(settings: &Settings, node: &str) -> Result<String, Failure> {
         }
     }
     Ok(format!(
-        "node {node}, queue {}, broker {}",
-        settings.queue,
+        "node {node}, exchange {}, broker {}",
+        settings.exchange.exchange(),
         settings.redacted_amqp_url()
     ))
 }
@@ -202,13 +215,15 @@ fn write_and_remove_probe(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_file(&probe)
 }
 
-async fn check_broker(settings: &Settings, node: &str) -> Result<String, Failure> {
+async fn check_broker(settings: &Settings, node: &NodeId) -> Result<String, Failure> {
     let broker = Broker::new(settings, node);
     match tokio::time::timeout(BROKER_CHECK_TIMEOUT, broker.check()).await {
         Ok(Ok(())) => Ok(format!(
-            "connected to {} and declared {}, {} and {}",
+            "connected to {} and declared the fleet's topology on the exchange {} (this host's \
+             queue {}), {} and {}",
             settings.redacted_amqp_url(),
-            broker.request_queue,
+            broker.topology.exchange(),
+            broker.host_queue(),
             broker.reply_queue,
             broker.dead_letter_queue
         )),

@@ -4,7 +4,9 @@
 //! The modules follow a request through the worker (the data path reads broker → intake →
 //! scheduler → ops → runtime → store → outbox):
 //! - [`broker`]: connections, topology, and the confirmed [`broker::Publisher`];
-//! - [`intake`]: the consume loop; decode, check, deduplicate, write to the inbox, acknowledge;
+//! - [`intake`]: the consume loops (this host's queue, and placement: the fleet's shared
+//!   queues); decode, check, deduplicate, write to the inbox, acknowledge;
+//! - [`fleet`]: admin messages between hosts, and fleet-wide requests (`getallcont`);
 //! - [`scheduler`]: one FIFO lane per container name, and the executor that runs a job and
 //!   settles it (its reply and its change committed together);
 //! - [`ops`]: one file per operation, and `ops::binds` for host directories;
@@ -21,7 +23,7 @@
 //! counted), [`telemetry`] (logs) and [`settings`] (flags and environment).
 //!
 //! Imports go one way only, down this order (`worker/tests/structure.rs` enforces it, with the
-//! same list): `app` > `http`, `check`, `reconciler` > `intake` > `scheduler` > `ops` >
+//! same list): `app` > `http`, `check`, `reconciler` > `intake` > `fleet` > `scheduler` > `ops` >
 //! `progress` > `runtime` > `outbox` > `store` > `broker` > `rules`, `reply`, `metrics`,
 //! `telemetry` > `settings`. The operator surfaces look at the path from outside, so nothing on
 //! it needs them; the broker sits low because both ends of the path publish through it (the
@@ -31,6 +33,7 @@
 pub mod app;
 pub mod broker;
 pub mod check;
+pub mod fleet;
 pub mod http;
 pub mod intake;
 pub mod metrics;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use schemas::{NodeId, Topology};
 
 /// The orchestrator worker: takes container requests from RabbitMQ, runs them through the
 /// `apptainer` command line one at a time per container, and publishes a reply envelope to each
@@ -24,9 +25,33 @@ pub struct Settings {
     )]
     pub amqp_url: String,
 
-    /// Durable queue to consume requests from.
-    #[arg(long, env = "ORCHESTRATOR_QUEUE", default_value = schemas::DEFAULT_REQUEST_QUEUE, value_parser = request_queue_name)]
-    pub queue: String,
+    /// The fleet's exchange: clients publish every request to it with the container's name as
+    /// routing key. Every other broker name derives from it (`<exchange>.place`,
+    /// `<exchange>.host.<node>`, ...); every worker of one fleet uses the same exchange.
+    #[arg(long, env = "ORCHESTRATOR_EXCHANGE", default_value = schemas::DEFAULT_EXCHANGE, value_parser = topology)]
+    pub exchange: Topology,
+
+    /// The type of the durable queues this worker declares for the fleet (its host queue,
+    /// `<exchange>.place`, `<exchange>.place.start`, `<exchange>.expired`): `quorum` (replicated
+    /// on a RabbitMQ cluster; the default) or `classic`. Every worker of a fleet must use the
+    /// same type: a queue that exists with another type is refused at start-up.
+    #[arg(long, env = "ORCHESTRATOR_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
+    pub queue_type: QueueType,
+
+    /// Most container instances this host runs at once; a `start` of a new name is taken by
+    /// this host only while it has room (running containers plus starts placed here and not yet
+    /// finished). Starts beyond the fleet's room wait, in order, until a host has room.
+    /// Default: unlimited.
+    #[arg(long, env = "ORCHESTRATOR_MAX_CONTAINERS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_containers: Option<u32>,
+
+    /// After an unclean end of the previous run in this data directory, how long to wait, in
+    /// seconds, for the broker to drop that run's connection, which still holds this node's
+    /// lease (`<exchange>.alive.<node>`); the broker drops a dead connection after missed
+    /// heartbeats. After a clean end, a held lease means another worker runs with this node
+    /// id, and the worker exits at once.
+    #[arg(long, env = "ORCHESTRATOR_LEASE_WAIT", default_value_t = 120)]
+    pub lease_wait_secs: u64,
 
     /// Durable queue for replies to requests that carry no `reply_to`.
     #[arg(long, env = "ORCHESTRATOR_REPLY_QUEUE", default_value = schemas::DEFAULT_REPLY_QUEUE, value_parser = reply_queue_name)]
@@ -58,9 +83,11 @@ pub struct Settings {
     #[arg(long, env = "ORCHESTRATOR_PREFETCH", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
-    /// This worker's node id, reported in every reply. Default: the host name.
-    #[arg(long, env = "ORCHESTRATOR_NODE")]
-    pub node: Option<String>,
+    /// This worker's node id, unique in the fleet: it names the host's queue and lease, and is
+    /// reported in every reply. 1 to 64 characters of letters, digits, `_`, `.` and `-`.
+    /// Default: the host name.
+    #[arg(long, env = "ORCHESTRATOR_NODE", value_parser = node_id)]
+    pub node: Option<NodeId>,
 
     /// Colon-separated directories that binds and volumes may come from (after symlinks are
     /// resolved). Default: the `volumes` folder of the data directory.
@@ -121,7 +148,7 @@ pub struct Settings {
 
     /// How many times a request may be interrupted (the worker dying while running it, or its
     /// delivery coming back unprocessed) before it is given up: answered with an error, and a
-    /// delivery moved to the dead-letter queue `<queue>.dead`.
+    /// delivery moved to the dead-letter queue `<exchange>.dead`.
     #[arg(long, env = "ORCHESTRATOR_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
 
@@ -167,13 +194,29 @@ fn queue_name(name: &str, flag: &str, env: &str, default: &str) -> Result<String
     Ok(name.to_owned())
 }
 
-fn request_queue_name(name: &str) -> Result<String, String> {
-    queue_name(
-        name,
-        "--queue",
-        "ORCHESTRATOR_QUEUE",
-        schemas::DEFAULT_REQUEST_QUEUE,
-    )
+fn topology(exchange: &str) -> Result<Topology, String> {
+    Topology::new(exchange)
+}
+
+fn node_id(node: &str) -> Result<NodeId, String> {
+    NodeId::parse(node)
+}
+
+/// See [`Settings::queue_type`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+impl QueueType {
+    /// The value of the `x-queue-type` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
 }
 
 fn reply_queue_name(name: &str) -> Result<String, String> {
@@ -200,12 +243,20 @@ pub enum RestorePolicy {
 }
 
 impl Settings {
-    pub fn node_id(&self) -> String {
-        self.node.clone().unwrap_or_else(|| {
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "unknown-host".into())
+    /// `--node`, or the host name; a host name that is not a valid node id is refused with
+    /// what to do.
+    pub fn node_id(&self) -> Result<NodeId, String> {
+        if let Some(node) = &self.node {
+            return Ok(node.clone());
+        }
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        NodeId::parse(&host).map_err(|e| {
+            format!(
+                "{e}; the host name is not usable as a node id, so give --node / ORCHESTRATOR_NODE"
+            )
         })
     }
 
@@ -244,7 +295,12 @@ impl Settings {
 
     /// The queue deliveries that keep coming back unprocessed are moved to.
     pub fn dead_letter_queue(&self) -> String {
-        schemas::dead_letter_queue(&self.queue)
+        self.exchange.dead_letters()
+    }
+
+    /// How long to wait for the lease of an uncleanly ended run (`--lease-wait-secs`).
+    pub fn lease_wait(&self) -> Duration {
+        Duration::from_secs(self.lease_wait_secs)
     }
 
     pub fn drain_timeout(&self) -> Duration {
@@ -277,7 +333,9 @@ mod tests {
     #[test]
     fn defaults_follow_the_design() {
         let settings = Settings::try_parse_from(["orchestrator-worker"]).unwrap();
-        assert_eq!(settings.queue, "apptainer.requests");
+        assert_eq!(settings.exchange.exchange(), "apptainer");
+        assert_eq!(settings.queue_type, QueueType::Quorum);
+        assert_eq!(settings.max_containers, None);
         assert_eq!(settings.reply_queue, "apptainer.replies");
         assert_eq!(
             settings.bind_roots(),

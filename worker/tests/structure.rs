@@ -28,6 +28,11 @@ const LAYERS: &[(&[&str], &str)] = &[
         "the start of the request path: decodes, checks, hands to the scheduler",
     ),
     (
+        &["fleet"],
+        "what a host does with deliveries that are not one container's requests (admin messages, \
+         fleet-wide gathers): the intake hands them here; it may look at the lanes and the store",
+    ),
+    (
         &["scheduler"],
         "lanes and the executor, which runs an operation and settles it",
     ),

@@ -181,7 +181,7 @@ async fn started_worker(
         &spec,
     )?;
     let startup = worker.wait_until_consuming(spawned).await?;
-    let client = Arc::new(Client::connect(&env.amqp_url, &worker.queue).await?);
+    let client = Arc::new(Client::connect(&env.amqp_url, &worker.exchange).await?);
     Ok((worker, client, startup))
 }
 
@@ -242,9 +242,12 @@ async fn pair(env: &Env, label: &str) -> anyhow::Result<Pair> {
 impl Pair {
     async fn stop(self, amqp_url: &str) -> anyhow::Result<()> {
         for echo in self.echoes {
-            let queue = echo.queue.clone();
+            let (exchange, queue) = (echo.exchange.clone(), echo.queue.clone());
             echo.stop().await;
             procs::delete_queues(amqp_url, &[&queue]).await;
+            if let Ok(topology) = schemas::Topology::new(&exchange) {
+                procs::delete_exchanges(amqp_url, &topology).await;
+            }
         }
         self.worker.stop().await
     }

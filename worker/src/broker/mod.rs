@@ -1,63 +1,111 @@
 //! The broker layer: connections and topology, declared in one place.
 //!
 //! The worker keeps two connections, one for consuming and one for publishing, so a slow or
-//! blocked publisher (a broker in flow control) never stalls deliveries or their acks. When the
-//! multi-host routing lands (DESIGN.md, "Scale"), its exchanges and bindings belong in
-//! [`Broker::declare_topology`], and nowhere else.
+//! blocked publisher (a broker in flow control) never stalls deliveries or their acks. The
+//! fleet's exchanges and queues are declared in [`topology`] and nowhere else; the lease, name
+//! locks, probes and name bindings are in [`fleet`], on the consuming connection.
 
+mod fleet;
 mod publisher;
+mod topology;
 
+pub use fleet::{LeaseError, NameLock, Routed, RESOURCE_LOCKED};
 pub use publisher::{reconnect_backoff, Delivered, PublishError, Publisher, ReplyTarget};
 
-use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use schemas::{NodeId, Topology};
 
-use crate::settings::{redact_url, Settings};
+use crate::settings::{redact_url, QueueType, Settings};
 
 /// Broker settings and the calls that open connections on it.
 #[derive(Debug, Clone)]
 pub struct Broker {
     url: String,
-    pub request_queue: String,
+    /// Every name of the fleet.
+    pub topology: Topology,
+    /// This host's node id: its queue, its lease.
+    pub node: NodeId,
     pub reply_queue: String,
     pub dead_letter_queue: String,
+    queue_type: QueueType,
     prefetch: u16,
-    node: String,
     /// How many times a reply the broker refuses is published before it is set aside.
     pub reply_attempts: u32,
 }
 
 /// A failure to talk to the broker, with the URL's password redacted.
 #[derive(Debug, thiserror::Error)]
-#[error("the broker at {url} {doing}: {source}")]
+#[error("the broker at {url} {doing}{}", .source.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
 pub struct BrokerError {
     url: String,
-    doing: &'static str,
+    doing: String,
     #[source]
-    source: lapin::Error,
+    source: Option<lapin::Error>,
+}
+
+impl BrokerError {
+    /// The AMQP reply code the broker closed the channel or connection with, if any.
+    pub fn amqp_code(&self) -> Option<u16> {
+        self.source.as_ref().and_then(amqp_code)
+    }
+}
+
+/// The AMQP reply code of a broker's refusal (405 RESOURCE_LOCKED, 406 PRECONDITION_FAILED,
+/// ...), if `error` is one.
+pub fn amqp_code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some(e.get_id()),
+        _ => None,
+    }
+}
+
+/// What a consuming connection has, once subscribed to this host's queue.
+pub struct Session {
+    pub connection: Connection,
+    /// The host queue's channel, with the prefetch set.
+    pub channel: Channel,
+    pub consumer: Consumer,
 }
 
 impl Broker {
-    pub fn new(settings: &Settings, node: &str) -> Self {
+    pub fn new(settings: &Settings, node: &NodeId) -> Self {
         Self {
             url: settings.amqp_url.clone(),
-            request_queue: settings.queue.clone(),
+            topology: settings.exchange.clone(),
+            node: node.clone(),
             reply_queue: settings.reply_queue.clone(),
             dead_letter_queue: settings.dead_letter_queue(),
+            queue_type: settings.queue_type,
             prefetch: settings.prefetch,
-            node: node.to_owned(),
             reply_attempts: settings.reply_attempts,
         }
     }
 
+    /// This host's queue.
+    pub fn host_queue(&self) -> String {
+        self.topology.host_queue(&self.node)
+    }
+
+    /// A queue that should exist does not (it was deleted under the worker).
+    pub fn missing(&self, queue: &str) -> BrokerError {
+        BrokerError {
+            url: redact_url(&self.url),
+            doing: format!("has no queue {queue} (deleted?); declaring it again"),
+            source: None,
+        }
+    }
+
     fn error(&self, doing: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError + '_ {
-        move |source| BrokerError {
+        move |source| self.error_with(doing.to_owned(), source)
+    }
+
+    fn error_with(&self, doing: String, source: lapin::Error) -> BrokerError {
+        BrokerError {
             url: redact_url(&self.url),
             doing,
-            source,
+            source: Some(source),
         }
     }
 
@@ -69,29 +117,6 @@ impl Broker {
             .map_err(self.error(
             "could not be reached (is RabbitMQ running, and are the URL and credentials right?)",
         ))
-    }
-
-    /// The queues every worker needs: the request queue, the default reply queue and the
-    /// dead-letter queue, all durable.
-    pub async fn declare_topology(&self, channel: &Channel) -> Result<(), BrokerError> {
-        for queue in [
-            &self.request_queue,
-            &self.reply_queue,
-            &self.dead_letter_queue,
-        ] {
-            channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(self.error("refused a queue declaration"))?;
-        }
-        Ok(())
     }
 
     /// Connects, declares the topology and disconnects: what `--check` asks of the broker.
@@ -106,34 +131,60 @@ impl Broker {
         Ok(())
     }
 
-    /// A consuming connection: topology declared, prefetch set, consumer registered with
-    /// manual acknowledgements.
-    pub async fn consume(&self) -> Result<(Connection, Channel, Consumer), BrokerError> {
+    /// Connects for consuming and declares the topology; the caller takes the lease and
+    /// binds the names before [`Broker::subscribe`].
+    pub async fn consuming_connection(&self) -> Result<(Connection, Channel), BrokerError> {
         let connection = self.connect("consumer").await?;
         let channel = connection
             .create_channel()
             .await
             .map_err(self.error("refused a channel"))?;
         self.declare_topology(&channel).await?;
+        Ok((connection, channel))
+    }
+
+    /// Subscribes to `queue` on a new channel of `connection` with manual acknowledgements
+    /// and `prefetch` unacknowledged deliveries at most.
+    pub async fn subscribe(
+        &self,
+        connection: &Connection,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<(Channel, Consumer), BrokerError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(self.error("refused a channel"))?;
         channel
-            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(self.error("refused the prefetch setting"))?;
         let consumer = channel
             .basic_consume(
-                self.request_queue.as_str().into(),
+                queue.into(),
                 format!("orchestrator-worker-{}-{}", self.node, uuid::Uuid::new_v4()).into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
             .map_err(self.error("refused the consumer"))?;
-        Ok((connection, channel, consumer))
+        Ok((channel, consumer))
     }
 
-    /// A publishing connection with publisher confirms enabled.
-    pub async fn publishing_channel(&self) -> Result<(Connection, Channel), BrokerError> {
-        let connection = self.connect("publisher").await?;
+    /// Subscribes to this host's queue with `--prefetch`.
+    pub async fn subscribe_host(&self, connection: Connection) -> Result<Session, BrokerError> {
+        let (channel, consumer) = self
+            .subscribe(&connection, &self.host_queue(), self.prefetch)
+            .await?;
+        Ok(Session {
+            connection,
+            channel,
+            consumer,
+        })
+    }
+
+    /// A channel in confirm mode on `connection`, for probes, forwards and bindings.
+    pub async fn confirm_channel(&self, connection: &Connection) -> Result<Channel, BrokerError> {
         let channel = connection
             .create_channel()
             .await
@@ -142,6 +193,13 @@ impl Broker {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(self.error("refused publisher confirms"))?;
+        Ok(channel)
+    }
+
+    /// A publishing connection with publisher confirms enabled.
+    pub async fn publishing_channel(&self) -> Result<(Connection, Channel), BrokerError> {
+        let connection = self.connect("publisher").await?;
+        let channel = self.confirm_channel(&connection).await?;
         Ok((connection, channel))
     }
 }

@@ -16,6 +16,12 @@ pub(super) struct Envelope {
     pub(super) deadline_ms: Result<Option<i64>, String>,
     /// Whether the requester asked for progress envelopes (`x-progress: true`).
     pub(super) progress: bool,
+    /// Forwarded by placement ([`schemas::PLACED_HEADER`]): its requester already heard
+    /// `queued`, when it asked for progress.
+    pub(super) placed: bool,
+    /// Placed again after the host placing it died ([`schemas::REPLACED_HEADER`]): a copy may
+    /// already be known here.
+    pub(super) replaced: bool,
 }
 
 impl Envelope {
@@ -42,6 +48,8 @@ impl Envelope {
             message_id,
             deadline_ms: deadline_ms(properties),
             progress: wants_progress(properties.headers().as_ref()),
+            placed: flag(properties.headers().as_ref(), schemas::PLACED_HEADER),
+            replaced: flag(properties.headers().as_ref(), schemas::REPLACED_HEADER),
         }
     }
 
@@ -57,6 +65,13 @@ impl Envelope {
             format!("body-{:016x}", hasher.finish())
         })
     }
+}
+
+/// Whether a boolean header between workers is set.
+fn flag(headers: Option<&FieldTable>, name: &str) -> bool {
+    headers
+        .and_then(|h| h.inner().get(name))
+        .is_some_and(|v| matches!(v, AMQPValue::Boolean(true)))
 }
 
 /// The inbox key of a write request. `message_id` is the idempotency key: one key, one request.

@@ -22,8 +22,10 @@ mod answer;
 mod consume;
 mod decode;
 mod envelope;
+mod expired;
+mod place;
 
-pub use consume::{consume_until_cancelled, Drain, Readiness};
+pub use consume::{consume_until_cancelled, Drain, Fatal, Readiness};
 pub use decode::{decode, Refused};
 
 use std::sync::Arc;
@@ -38,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::broker::Publisher;
+use crate::broker::{Broker, Publisher};
 use crate::progress::{Progress, Watcher};
 use crate::reply::{to_body, ReplyHeader};
 use crate::rules::Refusal;
@@ -48,6 +50,7 @@ use answer::Answerer;
 use envelope::{idempotency_key, Envelope};
 
 pub struct Intake {
+    pub broker: Broker,
     pub store: Store,
     pub scheduler: Scheduler,
     pub publisher: Arc<Publisher>,
@@ -96,6 +99,8 @@ struct PendingWrite {
     request: Request,
     /// Whether the requester asked for progress envelopes.
     progress: bool,
+    /// Forwarded by placement, which already sent `queued`.
+    placed: bool,
     span: tracing::Span,
 }
 
@@ -111,6 +116,7 @@ impl TakenWrite {
             key,
             deadline_ms: envelope.deadline_ms.ok().flatten(),
             target: envelope.target,
+            replaced: envelope.replaced,
         };
         Self {
             offer,
@@ -118,6 +124,7 @@ impl TakenWrite {
                 delivery,
                 request,
                 progress: envelope.progress,
+                placed: envelope.placed,
                 span: span.clone(),
             },
         }
@@ -137,17 +144,7 @@ impl Intake {
     pub async fn handle_batch(&self, deliveries: Vec<Delivery>) {
         let mut writes = Vec::new();
         for delivery in deliveries {
-            let span = tracing::info_span!(
-                "request",
-                correlation_id = tracing::field::Empty,
-                op = tracing::field::Empty,
-                container = tracing::field::Empty,
-                node = %self.node,
-                redelivered = delivery.redelivered,
-            );
-            if let Some(correlation_id) = delivery.properties.correlation_id() {
-                span.record("correlation_id", correlation_id.as_str());
-            }
+            let span = self.request_span(&delivery);
             match self.take(delivery, &span).instrument(span.clone()).await {
                 Taken::Handled => {}
                 Taken::Write(write) => writes.push(write),
@@ -160,6 +157,23 @@ impl Intake {
             }
         }
         self.accept_writes(writes).await;
+    }
+
+    /// The span everything logged about one delivery carries: correlation id, op, container
+    /// name (the last two recorded once decoded) and node.
+    fn request_span(&self, delivery: &Delivery) -> tracing::Span {
+        let span = tracing::info_span!(
+            "request",
+            correlation_id = tracing::field::Empty,
+            op = tracing::field::Empty,
+            container = tracing::field::Empty,
+            node = %self.node,
+            redelivered = delivery.redelivered,
+        );
+        if let Some(correlation_id) = delivery.properties.correlation_id() {
+            span.record("correlation_id", correlation_id.as_str());
+        }
+        span
     }
 
     /// Takes a delivery apart: refusals and dead letters are answered here; reads and writes
@@ -214,22 +228,9 @@ impl Intake {
         }
         tracing::debug!(body = %String::from_utf8_lossy(&delivery.data), "request received");
         match decoded {
-            Err(Refused {
-                refusal: Refusal { code, message },
-                op,
-                container_name,
-            }) => {
-                tracing::info!(%message, "invalid request refused");
-                crate::metrics::replied(op, code.status(), None);
-                let header = ReplyHeader {
-                    node: self.node.clone(),
-                    op,
-                    container_name,
-                    duration_ms: received.elapsed().as_millis() as u64,
-                };
-                let reply = header.error(envelope.target.correlation_id.as_deref(), code, &message);
-                self.answerer()
-                    .answer_then_ack(delivery, envelope.target, to_body(&reply));
+            Err(refused) => {
+                tracing::info!(message = %refused.refusal.message, "invalid request refused");
+                self.refuse(delivery, envelope.target, refused, received);
                 Taken::Handled
             }
             Ok(request) if request.op().is_read() => Taken::Read(TakenRead {
@@ -240,6 +241,32 @@ impl Intake {
             }),
             Ok(request) => Taken::Write(TakenWrite::new(delivery, request, envelope, span)),
         }
+    }
+
+    /// Answers an invalid request (400, 413, or the refusal given) and acknowledges it once
+    /// the reply is safe, on a task of its own.
+    pub(crate) fn refuse(
+        &self,
+        delivery: Delivery,
+        target: ReplyTarget,
+        refused: Refused,
+        received: Instant,
+    ) {
+        let Refused {
+            refusal: Refusal { code, message },
+            op,
+            container_name,
+        } = refused;
+        crate::metrics::replied(op, code.status(), None);
+        let header = ReplyHeader {
+            node: self.node.clone(),
+            op,
+            container_name,
+            duration_ms: received.elapsed().as_millis() as u64,
+        };
+        let reply = header.error(target.correlation_id.as_deref(), code, &message);
+        self.answerer()
+            .answer_then_ack(delivery, target, to_body(&reply));
     }
 
     /// Runs a store call until it succeeds. While the store refuses writes (disk full, read-only
@@ -412,6 +439,7 @@ impl Intake {
             delivery,
             request,
             progress,
+            placed,
             span,
         } = write;
         let key = &offer.key;
@@ -457,7 +485,7 @@ impl Intake {
             .expect("the pending semaphore is never closed");
         let received_ms = now_ms();
         let progress = progress.then(|| offer.target.clone());
-        if let Some(target) = &progress {
+        if let (Some(target), false) = (&progress, placed) {
             self.report_queued(&request, &offer.lane, target.clone(), received_ms)
                 .await;
         }

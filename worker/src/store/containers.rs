@@ -82,6 +82,44 @@ impl Store {
         .await
     }
 
+    /// The names this host holds: every registered container, and every deleted one whose
+    /// data is still on disk (a name stays reserved while its data exists). These are the
+    /// names bound to this host's queue.
+    pub async fn held_names(&self) -> StoreResult<Vec<String>> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT name FROM containers UNION SELECT name FROM leftover_data",
+            )?;
+            let rows = stmt.query_map([], |row| row.get(0))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Whether this host holds `name`: a registered container, or a deleted one's data.
+    pub async fn holds(&self, name: &str) -> StoreResult<bool> {
+        self.lookup(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT 1 FROM containers WHERE name = ?1
+                     UNION ALL SELECT 1 FROM leftover_data WHERE name = ?1",
+                )?
+                .query_row([name], |_| Ok(()))
+                .optional()?
+                .is_some())
+        })
+    }
+
+    /// How many containers are recorded as running.
+    pub async fn running_count(&self) -> StoreResult<u64> {
+        self.lookup(|conn| {
+            let n: i64 = conn
+                .prepare_cached("SELECT count(*) FROM containers WHERE active = 1")?
+                .query_row([], |r| r.get(0))?;
+            Ok(n as u64)
+        })
+    }
+
     /// Whether a container of that name is registered.
     pub async fn is_registered(&self, name: &str) -> StoreResult<bool> {
         self.lookup(|conn| {

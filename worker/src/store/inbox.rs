@@ -25,6 +25,9 @@ pub struct Offer {
     pub deadline_ms: Option<i64>,
     /// Where its reply goes.
     pub target: ReplyTarget,
+    /// A start placed again after the host placing it died: if its key is already known
+    /// (same request), it adds no reply; the first copy answers (or answered) it.
+    pub replaced: bool,
 }
 
 /// The result of offering a write request to the inbox.
@@ -80,6 +83,7 @@ impl Store {
             body,
             deadline_ms,
             target,
+            replaced: false,
         };
         let refusal = |offer: &Offer| format!("refused {}", offer.key);
         let mut accepted = self.accept_all(Arc::new(vec![offer]), refusal).await?;
@@ -317,6 +321,13 @@ fn accept_one(
         Some(Seen { seq, digest, .. }) if digest != offer.digest => {
             insert_outbox(tx, &offer.target, &refusal(offer))?;
             Accepted::KeyReused { seq }
+        }
+        Some(Seen { seq, state, .. }) if offer.replaced => {
+            if state == "done" {
+                Accepted::AlreadyAnswered { seq }
+            } else {
+                Accepted::AlreadyQueued { seq }
+            }
         }
         Some(Seen {
             seq,

@@ -1,0 +1,294 @@
+//! Placement (DESIGN.md, "Fleet"): the consumers of `<exchange>.place` (names nobody owns,
+//! taken by every host), `<exchange>.place.start` (starts to place, taken only by hosts with
+//! room) and `<exchange>.expired` (requests whose deadline passed in a queue). The one place
+//! where a name nobody owns is given to a host: lock the name, probe `<exchange>.owners`,
+//! forward the start to this host's queue, bind the name to it.
+//!
+//! A placed delivery is acknowledged only once its outcome is safe (forwarded and confirmed,
+//! or answered): a host that dies while placing leaves the delivery to the broker, and the next
+//! placement finds the name bound (the probe reaches the owner) or not (placed again).
+
+use std::time::Instant;
+
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+use schemas::{ContainerName, ErrorCode, Op, Request, Stage};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::consume::next_request;
+use super::envelope::Envelope;
+use super::{decode, requeue, Intake, Refused};
+use crate::broker::{BrokerError, Routed};
+use crate::progress::Watcher;
+use crate::reply::ReplyHeader;
+
+/// How long placement pauses after a failure before the delivery goes back to the broker.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The test hook that aborts the worker at a step of placement (RELIABILITY.md).
+const ABORT_AT: &str = "ORCHESTRATOR_TEST_ABORT_AT";
+
+/// What placement works with on one consuming connection: the connection (for name locks) and
+/// a channel in confirm mode (probes, forwards, bindings).
+pub struct Placer<'a> {
+    pub intake: &'a Intake,
+    pub connection: &'a Connection,
+    pub channel: &'a Channel,
+}
+
+/// Which queue a placement consumer takes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlaceQueue {
+    /// `<exchange>.place`: everything for names nobody owns.
+    Names,
+    /// `<exchange>.place.start`: starts, taken only while this host has room.
+    Starts,
+}
+
+impl Placer<'_> {
+    /// Takes deliveries from `consumer` one at a time until the stream ends or `stop` is
+    /// cancelled; `true` when the stream ended (the connection or channel is gone).
+    pub async fn run(
+        &self,
+        mut consumer: Consumer,
+        which: PlaceQueue,
+        stop: &CancellationToken,
+    ) -> bool {
+        loop {
+            let delivery = match next_request(&mut consumer, stop).await {
+                Ok(delivery) => delivery,
+                Err(ended) => return ended,
+            };
+            let span = self.intake.request_span(&delivery);
+            let outcome = match which {
+                PlaceQueue::Names => self.take_place(delivery).instrument(span).await,
+                PlaceQueue::Starts => self.take_start(delivery).instrument(span).await,
+            };
+            if let Err((delivery, e)) = outcome {
+                tracing::warn!(error = %e, retry_in = ?RETRY_PAUSE,
+                    "placement failed; the delivery goes back to the broker");
+                // Not at once: what failed (a binding being declared again, a lock held
+                // long) needs a moment, and this consumer must not spin on it.
+                tokio::select! {
+                    () = tokio::time::sleep(RETRY_PAUSE) => {}
+                    () = stop.cancelled() => {}
+                }
+                requeue(delivery).await;
+            }
+        }
+    }
+
+    /// A delivery from `<exchange>.place`: refused when invalid, a `start` handed on to
+    /// `<exchange>.place.start`, a `getallcont` to the fleet, anything else answered `404`
+    /// unless some host owns the name by now (the probe then delivered it there).
+    async fn take_place(&self, delivery: Delivery) -> Result<(), (Delivery, BrokerError)> {
+        let received = Instant::now();
+        let intake = self.intake;
+        let envelope = Envelope::read(&delivery, &intake.default_reply_queue);
+        let request = match decode(&delivery.data, intake.max_body_bytes) {
+            Ok(request) => request,
+            Err(refused) => {
+                refuse_invalid(intake, delivery, envelope, refused, received);
+                return Ok(());
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("op", tracing::field::display(request.op()));
+        if let Some(name) = request.container_name() {
+            span.record("container", tracing::field::display(name));
+        }
+        let Some(name) = request.container_name().cloned() else {
+            return match crate::fleet::on_getallcont(&intake.broker, self.channel, &delivery).await
+            {
+                Ok(()) => ack(delivery).await,
+                Err(e) => Err((delivery, e)),
+            };
+        };
+        if request.op() == Op::Start {
+            return self.hand_on(delivery, &request, envelope).await;
+        }
+        let lock = match intake.broker.lock_name(self.connection, &name).await {
+            Ok(lock) => lock,
+            Err(e) => return Err((delivery, e)),
+        };
+        let probed = self.probe(&name, &delivery).await;
+        lock.release().await;
+        match probed {
+            Ok(Routed::Yes) => ack(delivery).await,
+            Ok(Routed::Returned) => {
+                crate::metrics::request_received(Some(request.op()));
+                tracing::info!(op = %request.op(), status = 404, "request answered");
+                let refused = Refused {
+                    refusal: crate::rules::Refusal::new(
+                        ErrorCode::NotFound,
+                        format!(
+                            "container {name} is not registered on any host of the fleet; start it first"
+                        ),
+                    ),
+                    op: Some(request.op()),
+                    container_name: Some(name.to_string()),
+                };
+                intake.refuse(delivery, envelope.target, refused, received);
+                Ok(())
+            }
+            Err(e) => Err((delivery, e)),
+        }
+    }
+
+    /// Hands a `start` on to `<exchange>.place.start` (every property kept), then acknowledges
+    /// it; a requester that asked for progress hears `queued`.
+    async fn hand_on(
+        &self,
+        delivery: Delivery,
+        request: &Request,
+        envelope: Envelope,
+    ) -> Result<(), (Delivery, BrokerError)> {
+        let intake = self.intake;
+        let queue = intake.broker.topology.place_start();
+        let handed = intake
+            .broker
+            .publish_routed(
+                self.channel,
+                "",
+                &queue,
+                &delivery.data,
+                delivery.properties.clone(),
+            )
+            .await;
+        match handed {
+            Ok(Routed::Yes) => {}
+            Ok(Routed::Returned) => {
+                let _ = intake.publisher.declare_topology().await;
+                return Err((delivery, intake.broker.missing(&queue)));
+            }
+            Err(e) => return Err((delivery, e)),
+        }
+        if envelope.progress {
+            let watcher = Watcher {
+                target: envelope.target,
+                header: ReplyHeader {
+                    node: intake.node.clone(),
+                    op: Some(request.op()),
+                    container_name: request.container_name().map(|n| n.to_string()),
+                    duration_ms: 0,
+                },
+                received_ms: crate::store::now_ms(),
+            };
+            intake.progress.send(&watcher, Stage::Queued, Some(0)).await;
+        }
+        ack(delivery).await
+    }
+
+    /// A delivery from `<exchange>.place.start`: lock the name; if some host owns it, the probe
+    /// delivered the request there; otherwise bind the name to this host and forward the start
+    /// to this host's queue.
+    async fn take_start(&self, delivery: Delivery) -> Result<(), (Delivery, BrokerError)> {
+        let received = Instant::now();
+        let intake = self.intake;
+        let request = match decode(&delivery.data, intake.max_body_bytes) {
+            Ok(request) => request,
+            Err(refused) => {
+                let envelope = Envelope::read(&delivery, &intake.default_reply_queue);
+                refuse_invalid(intake, delivery, envelope, refused, received);
+                return Ok(());
+            }
+        };
+        let Some(name) = request
+            .container_name()
+            .filter(|_| request.op() == Op::Start)
+        else {
+            // Not published here by placement: handled as `<exchange>.place` handles it.
+            return self.take_place(delivery).await;
+        };
+        let lock = match intake.broker.lock_name(self.connection, name).await {
+            Ok(lock) => lock,
+            Err(e) => return Err((delivery, e)),
+        };
+        let placed = self.place(name, &delivery).await;
+        lock.release().await;
+        match placed {
+            Ok(()) => ack(delivery).await,
+            Err(e) => Err((delivery, e)),
+        }
+    }
+
+    /// Under the name's lock: probe, and if nobody owns the name, forward the start to this
+    /// host's queue, then bind the name here. Forwarding first puts the start ahead of every
+    /// request the binding will route to this host; the lock keeps every other placement of
+    /// the name waiting until both are done. A crash between the two leaves the start in this
+    /// host's queue and the delivery to be placed again: the next placement binds the name.
+    async fn place(&self, name: &ContainerName, delivery: &Delivery) -> Result<(), BrokerError> {
+        let broker = &self.intake.broker;
+        if self.probe(name, delivery).await? == Routed::Yes {
+            tracing::debug!(container = %name, "the name is owned by a host; the start went there");
+            return Ok(());
+        }
+        let properties = placed(delivery);
+        match broker
+            .forward_to_self(self.channel, &delivery.data, properties)
+            .await?
+        {
+            Routed::Yes => {}
+            Routed::Returned => return Err(broker.missing(&broker.host_queue())),
+        }
+        abort_if_asked("placement-forwarded");
+        broker.bind_name(self.channel, name.as_str()).await?;
+        abort_if_asked("placement-bound");
+        tracing::info!(container = %name, "placed a new container on this host");
+        Ok(())
+    }
+
+    /// Publishes the request itself to `<exchange>.owners`: delivered to the owner's queue if
+    /// some host owns the name, returned otherwise.
+    async fn probe(
+        &self,
+        name: &ContainerName,
+        delivery: &Delivery,
+    ) -> Result<Routed, BrokerError> {
+        self.intake
+            .broker
+            .probe(self.channel, name, &delivery.data, placed(delivery))
+            .await
+    }
+}
+
+/// Refuses an invalid request taken from a placement queue, counted as the intake counts one.
+fn refuse_invalid(
+    intake: &Intake,
+    delivery: Delivery,
+    envelope: Envelope,
+    refused: Refused,
+    received: Instant,
+) {
+    crate::metrics::request_received(refused.op);
+    tracing::info!(message = %refused.refusal.message, "invalid request refused");
+    intake.refuse(delivery, envelope.target, refused, received);
+}
+
+/// The delivery's properties, every one kept, with the placement headers added.
+fn placed(delivery: &Delivery) -> BasicProperties {
+    let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(schemas::PLACED_HEADER.into(), AMQPValue::Boolean(true));
+    if delivery.redelivered {
+        headers.insert(schemas::REPLACED_HEADER.into(), AMQPValue::Boolean(true));
+    }
+    delivery.properties.clone().with_headers(headers)
+}
+
+async fn ack(delivery: Delivery) -> Result<(), (Delivery, BrokerError)> {
+    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        tracing::warn!(error = %e, "could not acknowledge a placed delivery; it will be placed again");
+    }
+    Ok(())
+}
+
+/// Aborts the process at `step` when the test hook asks for it.
+fn abort_if_asked(step: &str) {
+    if std::env::var(ABORT_AT).is_ok_and(|at| at == step) {
+        eprintln!("{ABORT_AT}={step}: aborting");
+        std::process::abort();
+    }
+}
