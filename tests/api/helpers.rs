@@ -193,6 +193,16 @@ impl TestWorker {
         self.wait_until_consuming().await;
     }
 
+    /// Removes `name` from the environment the worker is started with from now on.
+    pub fn remove_env(&mut self, name: &str) {
+        self.process.setup.env.retain(|(key, _)| key != name);
+    }
+
+    /// Waits (at most `limit`) for the worker process to exit on its own; its status.
+    pub async fn wait_for_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        self.process.wait_for_exit(limit).await
+    }
+
     /// Publishes a request and awaits its final reply, which must validate against the schema.
     pub async fn call(&self, request: Value) -> Reply {
         let reply = self

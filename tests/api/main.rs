@@ -14,6 +14,7 @@ mod delivery;
 mod deployment;
 mod failures;
 mod faults;
+mod fleet;
 mod hostile;
 mod http;
 mod idempotency;

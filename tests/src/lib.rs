@@ -215,6 +215,23 @@ impl WorkerProcess {
         result
     }
 
+    /// Waits (at most `limit`) for the worker to exit on its own; its status, or `None` when it
+    /// still runs (it is left running).
+    pub async fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Kills the worker at once (SIGKILL): no drain, no flush.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -21,7 +21,7 @@ use crate::outbox;
 use crate::progress::Progress;
 use crate::reconciler::Reconciler;
 use crate::runtime::{Apptainer, Limits, Runtime};
-use crate::scheduler::{lane_of, Executor, Job, JobKind, Scheduler};
+use crate::scheduler::{lane_of, Executor, Job, JobKind, Ownership, Room, Scheduler};
 use crate::settings::{RestorePolicy, Settings};
 use crate::store::Store;
 
@@ -81,6 +81,10 @@ impl Worker {
                 settings.state_db().display()
             )
         })?;
+        let unclean_start = store
+            .mark_running()
+            .await
+            .context("could not record the start of this run in the state database")?;
         let runtime = open_runtime(&settings)?;
         let broker = Broker::new(&settings, &node);
         let publisher = Arc::new(Publisher::new(broker.clone()));
@@ -89,6 +93,7 @@ impl Worker {
             .await
             .context("could not start the worker")?;
         let wiring = Wiring {
+            unclean_start,
             settings: &settings,
             node: &node,
             store: &store,
@@ -122,6 +127,13 @@ impl Worker {
         );
         let (deadline, consumed) = self.consume_then_drain(shutdown).await;
         self.stop_background(background, deadline).await;
+        // A run that ends for want of its lease was not this node's: it leaves the marker as
+        // the previous run left it.
+        if consumed.is_ok() || !self.intake.unclean_start {
+            if let Err(e) = self.store.mark_stopped().await {
+                tracing::warn!(error = %e, "could not record the clean end of this run");
+            }
+        }
         consumed.context("the worker stopped consuming")?;
         tracing::info!("worker stopped");
         Ok(())
@@ -303,6 +315,8 @@ impl Worker {
 
 /// The parts `build` opened, wired into the lanes, the executor and the intake.
 struct Wiring<'a> {
+    /// The previous run in this data directory did not end cleanly.
+    unclean_start: bool,
     settings: &'a Settings,
     node: &'a NodeId,
     store: &'a Store,
@@ -323,6 +337,8 @@ impl Wiring<'_> {
         let tracker = TaskTracker::new();
         let outbox_wake = Arc::new(Notify::new());
         let progress = Arc::new(Progress::new(Some(Arc::clone(self.publisher))));
+        let ownership = Arc::new(Ownership::new(broker.clone()));
+        let room = Arc::new(Room::new(settings.max_containers));
         let executor = Executor {
             ctx: OpContext {
                 store: store.clone(),
@@ -338,10 +354,16 @@ impl Wiring<'_> {
             max_attempts: settings.max_attempts,
             restore: settings.restore_policy == RestorePolicy::Restart,
             stop: stop.clone(),
+            ownership: Arc::clone(&ownership),
+            room: Arc::clone(&room),
         };
         let scheduler = Scheduler::new(executor, tracker.clone(), stop.clone());
         let intake = Intake {
             broker: broker.clone(),
+            ownership,
+            room,
+            lease_wait: settings.lease_wait(),
+            unclean_start: self.unclean_start,
             store: store.clone(),
             scheduler: scheduler.clone(),
             publisher: Arc::clone(self.publisher),

@@ -12,6 +12,8 @@ mod topology;
 pub use fleet::{LeaseError, NameLock, Routed, RESOURCE_LOCKED};
 pub use publisher::{reconnect_backoff, Delivered, PublishError, Publisher, ReplyTarget};
 
+use std::sync::Arc;
+
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
@@ -61,9 +63,12 @@ pub fn amqp_code(error: &lapin::Error) -> Option<u16> {
     }
 }
 
+/// The AMQP reply code of a passive declaration of a queue that does not exist.
+const NOT_FOUND: u16 = 404;
+
 /// What a consuming connection has, once subscribed to this host's queue.
 pub struct Session {
-    pub connection: Connection,
+    pub connection: Arc<Connection>,
     /// The host queue's channel, with the prefetch set.
     pub channel: Channel,
     pub consumer: Consumer,
@@ -132,15 +137,45 @@ impl Broker {
     }
 
     /// Connects for consuming and declares the topology; the caller takes the lease and
-    /// binds the names before [`Broker::subscribe`].
-    pub async fn consuming_connection(&self) -> Result<(Connection, Channel), BrokerError> {
+    /// binds the names before [`Broker::subscribe`]. Also says whether this host's queue
+    /// existed before (it does not after `fleet forget` or when the broker lost its state).
+    pub async fn consuming_connection(&self) -> Result<(Connection, Channel, bool), BrokerError> {
         let connection = self.connect("consumer").await?;
+        let existed = self.queue_exists(&connection, &self.host_queue()).await?;
         let channel = connection
             .create_channel()
             .await
             .map_err(self.error("refused a channel"))?;
         self.declare_topology(&channel).await?;
-        Ok((connection, channel))
+        Ok((connection, channel, existed))
+    }
+
+    /// Whether `queue` exists: a passive declaration, on a channel of its own (a failed one
+    /// closes its channel).
+    async fn queue_exists(
+        &self,
+        connection: &Connection,
+        queue: &str,
+    ) -> Result<bool, BrokerError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(self.error("refused a channel"))?;
+        let options = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await
+        {
+            Ok(_) => {
+                let _ = channel.close(200, "looked".into()).await;
+                Ok(true)
+            }
+            Err(e) if amqp_code(&e) == Some(NOT_FOUND) => Ok(false),
+            Err(e) => Err(self.error("refused a passive declaration")(e)),
+        }
     }
 
     /// Subscribes to `queue` on a new channel of `connection` with manual acknowledgements
@@ -172,7 +207,10 @@ impl Broker {
     }
 
     /// Subscribes to this host's queue with `--prefetch`.
-    pub async fn subscribe_host(&self, connection: Connection) -> Result<Session, BrokerError> {
+    pub async fn subscribe_host(
+        &self,
+        connection: Arc<Connection>,
+    ) -> Result<Session, BrokerError> {
         let (channel, consumer) = self
             .subscribe(&connection, &self.host_queue(), self.prefetch)
             .await?;

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use super::place::{PlaceQueue, Placer};
 use super::Intake;
-use crate::broker::{reconnect_backoff, Broker, BrokerError, Session};
+use crate::broker::{reconnect_backoff, Broker, BrokerError, LeaseError, Session};
 
 /// Whether the consumer is registered on the broker, and if not, why. Cheap to clone.
 #[derive(Clone)]
@@ -69,12 +69,22 @@ pub async fn consume_until_cancelled(
 ) -> Result<(), Fatal> {
     let mut delays = backon::BackoffBuilder::build(reconnect_backoff());
     let mut subscribed_before = false;
+    let mut lease = LeaseWait::new(intake.lease_wait, intake.unclean_start);
     while !stop.is_cancelled() {
         let session = match subscribe_all(broker, intake).await {
             Ok(session) => session,
             Err(Subscribe::Fatal(fatal)) => {
                 readiness.not_consuming(fatal.to_string());
                 return Err(fatal);
+            }
+            Err(Subscribe::LeaseHeld(held)) => {
+                readiness.not_consuming(held.to_string());
+                let fatal = lease.held(&held)?;
+                tracing::warn!(error = %held, retry_in = ?LEASE_RETRY, "{fatal}");
+                tokio::select! {
+                    _ = tokio::time::sleep(LEASE_RETRY) => continue,
+                    _ = stop.cancelled() => return Ok(()),
+                }
             }
             Err(Subscribe::Broker(e)) => {
                 readiness.not_consuming(e.to_string());
@@ -87,6 +97,7 @@ pub async fn consume_until_cancelled(
             }
         };
         delays = backon::BackoffBuilder::build(reconnect_backoff());
+        lease = LeaseWait::new(intake.lease_wait, true);
         if subscribed_before {
             metrics::counter!(crate::metrics::BROKER_RECONNECTS).increment(1);
         }
@@ -130,7 +141,56 @@ pub struct Fatal(pub String);
 
 enum Subscribe {
     Fatal(Fatal),
+    /// Another connection holds this node's lease.
+    LeaseHeld(LeaseError),
     Broker(BrokerError),
+}
+
+/// How often a held lease is tried again.
+const LEASE_RETRY: Duration = Duration::from_secs(1);
+
+/// Whether a held lease is waited for, and until when: after an unclean end of the previous
+/// run, or at a re-subscription, the holder is presumably this node's own dead connection,
+/// which the broker drops after missed heartbeats; otherwise another worker runs with this
+/// node id, and the worker must not go on.
+struct LeaseWait {
+    wait: Duration,
+    allowed: bool,
+    until: Option<std::time::Instant>,
+}
+
+impl LeaseWait {
+    fn new(wait: Duration, allowed: bool) -> Self {
+        Self {
+            wait,
+            allowed,
+            until: None,
+        }
+    }
+
+    /// `Ok` with what to log while waiting on; `Err` when the worker must stop.
+    fn held(&mut self, held: &LeaseError) -> Result<String, Fatal> {
+        let what_to_do = "another worker runs with this node id on this broker: stop it, or \
+             give this worker another --node (node ids are unique in a fleet)";
+        if !self.allowed {
+            return Err(Fatal(format!("{held}; {what_to_do}")));
+        }
+        let until = *self
+            .until
+            .get_or_insert_with(|| std::time::Instant::now() + self.wait);
+        if std::time::Instant::now() >= until {
+            return Err(Fatal(format!(
+                "{held}, still after {}s (--lease-wait-secs) of waiting for the broker to drop \
+                 the previous run's connection; {what_to_do}",
+                self.wait.as_secs()
+            )));
+        }
+        Ok(
+            "the node's lease is held, presumably by the previous run's connection, which the \
+            broker drops after missed heartbeats; waiting"
+                .to_owned(),
+        )
+    }
 }
 
 impl From<BrokerError> for Subscribe {
@@ -148,7 +208,6 @@ struct Sessions {
 struct FleetConsumers {
     confirm: lapin::Channel,
     place: lapin::Consumer,
-    place_start: lapin::Consumer,
     expired: lapin::Consumer,
 }
 
@@ -156,23 +215,38 @@ struct FleetConsumers {
 /// host's queue and the fleet's shared queues, in that order: nothing is taken before this
 /// host's names route to it.
 async fn subscribe_all(broker: &Broker, intake: &Intake) -> Result<Sessions, Subscribe> {
-    let (connection, channel) = broker.consuming_connection().await?;
+    let (connection, channel, existed) = broker.consuming_connection().await?;
+    match broker.claim_lease(&connection).await {
+        Ok(()) => {}
+        Err(LeaseError::Held { queue, node }) => {
+            let _ = connection.close(200, "lease held".into()).await;
+            return Err(Subscribe::LeaseHeld(LeaseError::Held { queue, node }));
+        }
+        Err(LeaseError::Broker(e)) => return Err(Subscribe::Broker(e)),
+    }
+    let connection = std::sync::Arc::new(connection);
+    let confirm = broker.confirm_channel(&connection).await?;
     let held = intake.store.held_names().await.map_err(|e| {
         Subscribe::Fatal(Fatal(format!(
             "could not read the containers this host holds: {e}"
         )))
     })?;
     let began = std::time::Instant::now();
-    broker
-        .bind_names(&channel, held.iter().map(String::as_str))
-        .await?;
+    if existed {
+        broker
+            .bind_names(&channel, held.iter().map(String::as_str))
+            .await?;
+    } else {
+        bind_unowned(broker, &connection, &confirm, &held).await?;
+    }
     tracing::info!(names = held.len(), took = ?began.elapsed(), "bound this host's container names");
-    let confirm = broker.confirm_channel(&connection).await?;
+    intake
+        .ownership
+        .connected(std::sync::Arc::clone(&connection), confirm.clone());
     let t = &broker.topology;
     let (_, place) = broker
         .subscribe(&connection, &t.place(), FLEET_PREFETCH)
         .await?;
-    let (_, place_start) = broker.subscribe(&connection, &t.place_start(), 1).await?;
     let (_, expired) = broker
         .subscribe(&connection, &t.expired(), FLEET_PREFETCH)
         .await?;
@@ -182,10 +256,44 @@ async fn subscribe_all(broker: &Broker, intake: &Intake) -> Result<Sessions, Sub
         fleet: FleetConsumers {
             confirm,
             place,
-            place_start,
             expired,
         },
     })
+}
+
+/// Binds the names this host holds when its queue did not exist before (it was forgotten with
+/// `fleet forget`, or the broker lost its state): each under its lock and only if no other host
+/// owns it by now. A name owned elsewhere is logged and left alone: its requests go to the
+/// other host, and this host runs nothing for it.
+async fn bind_unowned(
+    broker: &Broker,
+    connection: &lapin::Connection,
+    confirm: &lapin::Channel,
+    held: &[String],
+) -> Result<(), BrokerError> {
+    if !held.is_empty() {
+        tracing::warn!(queue = %broker.host_queue(), names = held.len(),
+            "this host's queue did not exist (forgotten, or the broker lost its state): binding only the names no other host owns");
+    }
+    for name in held {
+        let Ok(name) = schemas::ContainerName::parse(name) else {
+            continue;
+        };
+        let lock = broker.lock_name(connection, &name).await?;
+        let probe = lapin::BasicProperties::default().with_type(schemas::PROBE_TYPE.into());
+        let routed = broker.probe(confirm, &name, b"{}", probe).await;
+        let bound = match routed {
+            Ok(crate::broker::Routed::Returned) => broker.bind_name(confirm, name.as_str()).await,
+            Ok(crate::broker::Routed::Yes) => {
+                tracing::warn!(container = %name, "another host of the fleet owns this name now; this host leaves its container alone");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        lock.release().await;
+        bound?;
+    }
+    Ok(())
 }
 
 /// How many deliveries of a shared fleet queue the broker may send ahead to this host.
@@ -208,7 +316,7 @@ async fn consume_session(
     let sides = async {
         tokio::select! {
             _ = placer.run(fleet.place, PlaceQueue::Names, stop) => {}
-            _ = placer.run(fleet.place_start, PlaceQueue::Starts, stop) => {}
+            _ = placer.run_starts(stop) => {}
             _ = intake.answer_expired(fleet.expired, stop) => {}
         }
     };

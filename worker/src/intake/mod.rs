@@ -44,13 +44,22 @@ use crate::broker::{Broker, Publisher};
 use crate::progress::{Progress, Watcher};
 use crate::reply::{to_body, ReplyHeader};
 use crate::rules::Refusal;
-use crate::scheduler::{lane_of, Job, JobKind, Scheduler};
+use crate::scheduler::{lane_of, Job, JobKind, Ownership, Room, Scheduler};
 use crate::store::{now_ms, request_digest, Accepted, Offer, ReplyTarget, Store};
 use answer::Answerer;
 use envelope::{idempotency_key, Envelope};
 
 pub struct Intake {
     pub broker: Broker,
+    /// Keeps the name bindings true to the store; told of every (re)connect and placement.
+    pub ownership: Arc<Ownership>,
+    /// Whether this host may take another start: gates `<exchange>.place.start`.
+    pub room: Arc<Room>,
+    /// How long a held lease is waited for (`--lease-wait-secs`) when that is allowed.
+    pub lease_wait: std::time::Duration,
+    /// The previous run in this data directory did not end cleanly: a held lease at start-up
+    /// is presumably its connection, and is waited for.
+    pub unclean_start: bool,
     pub store: Store,
     pub scheduler: Scheduler,
     pub publisher: Arc<Publisher>,
@@ -464,6 +473,16 @@ impl Intake {
                 crate::metrics::replied(Some(request.op()), ErrorCode::Conflict.status(), None);
                 self.acknowledge(delivery);
                 self.outbox_wake.notify_one();
+                return;
+            }
+            Accepted::AlreadyAnswered { seq } if offer.replaced => {
+                tracing::info!(
+                    seq,
+                    key,
+                    "a start placed again after a crash was already answered; no second reply"
+                );
+                self.room.finished(&offer.lane, true);
+                self.acknowledge(delivery);
                 return;
             }
             Accepted::AlreadyAnswered { seq } => {

@@ -62,22 +62,68 @@ impl Placer<'_> {
                 Ok(delivery) => delivery,
                 Err(ended) => return ended,
             };
-            let span = self.intake.request_span(&delivery);
-            let outcome = match which {
-                PlaceQueue::Names => self.take_place(delivery).instrument(span).await,
-                PlaceQueue::Starts => self.take_start(delivery).instrument(span).await,
-            };
-            if let Err((delivery, e)) = outcome {
-                tracing::warn!(error = %e, retry_in = ?RETRY_PAUSE,
-                    "placement failed; the delivery goes back to the broker");
-                // Not at once: what failed (a binding being declared again, a lock held
-                // long) needs a moment, and this consumer must not spin on it.
-                tokio::select! {
-                    () = tokio::time::sleep(RETRY_PAUSE) => {}
-                    () = stop.cancelled() => {}
-                }
-                requeue(delivery).await;
+            self.take_one(delivery, which, stop).await;
+        }
+    }
+
+    /// Places one delivery; a failure returns it to the broker after a pause.
+    async fn take_one(&self, delivery: Delivery, which: PlaceQueue, stop: &CancellationToken) {
+        let span = self.intake.request_span(&delivery);
+        let outcome = match which {
+            PlaceQueue::Names => self.take_place(delivery).instrument(span).await,
+            PlaceQueue::Starts => self.take_start(delivery).instrument(span).await,
+        };
+        if let Err((delivery, e)) = outcome {
+            tracing::warn!(error = %e, retry_in = ?RETRY_PAUSE,
+                "placement failed; the delivery goes back to the broker");
+            // Not at once: what failed (a binding being declared again, a lock held long)
+            // needs a moment, and this consumer must not spin on it.
+            tokio::select! {
+                () = tokio::time::sleep(RETRY_PAUSE) => {}
+                () = stop.cancelled() => {}
             }
+            requeue(delivery).await;
+        }
+    }
+
+    /// Takes starts from `<exchange>.place.start` while this host has room: subscribes with a
+    /// prefetch of one when there is room, and closes the subscription's channel (the broker
+    /// takes back the delivery in hand) as soon as a delivery comes while there is none.
+    /// `true` when the connection is gone, `false` when `stop` was cancelled.
+    pub async fn run_starts(&self, stop: &CancellationToken) -> bool {
+        let intake = self.intake;
+        let queue = intake.broker.topology.place_start();
+        loop {
+            tokio::select! {
+                () = intake.room.wait_for_room(&intake.store) => {}
+                () = stop.cancelled() => return false,
+            }
+            let (channel, mut consumer) = match intake
+                .broker
+                .subscribe(self.connection, &queue, 1)
+                .await
+            {
+                Ok(subscribed) => subscribed,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not subscribe to the starts waiting for room");
+                    return true;
+                }
+            };
+            tracing::debug!("this host has room: taking starts");
+            loop {
+                let delivery = match next_request(&mut consumer, stop).await {
+                    Ok(delivery) => delivery,
+                    Err(ended) => return ended,
+                };
+                if !intake.room.has_room(&intake.store).await {
+                    tracing::info!(
+                        "this host is full (--max-containers): no more starts until room frees"
+                    );
+                    break;
+                }
+                self.take_one(delivery, PlaceQueue::Starts, stop).await;
+            }
+            let _ = channel.close(200, "full".into()).await;
         }
     }
 
@@ -226,13 +272,24 @@ impl Placer<'_> {
             tracing::debug!(container = %name, "the name is owned by a host; the start went there");
             return Ok(());
         }
-        let properties = placed(delivery);
-        match broker
-            .forward_to_self(self.channel, &delivery.data, properties)
-            .await?
-        {
-            Routed::Yes => {}
-            Routed::Returned => return Err(broker.missing(&broker.host_queue())),
+        // Counted, and known to be bound here, before the forward: the start may run here
+        // before the confirm comes.
+        let room = &self.intake.room;
+        room.placed(name.as_str());
+        self.intake.ownership.bound(name.as_str());
+        let forwarded = broker
+            .forward_to_self(self.channel, &delivery.data, placed(delivery))
+            .await;
+        match forwarded {
+            Ok(Routed::Yes) => {}
+            Ok(Routed::Returned) => {
+                room.finished(name.as_str(), true);
+                return Err(broker.missing(&broker.host_queue()));
+            }
+            Err(e) => {
+                room.finished(name.as_str(), true);
+                return Err(e);
+            }
         }
         abort_if_asked("placement-forwarded");
         broker.bind_name(self.channel, name.as_str()).await?;

@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::fleet::{Ownership, Room};
 use super::{Job, JobKind};
 use crate::ops::{self, Attempt, OpContext, OpError, Outcome};
 use crate::progress::Watcher;
@@ -27,6 +28,10 @@ pub struct Executor {
     pub restore: bool,
     /// Cancelled at shutdown: a request whose end cannot be recorded is then left in the inbox.
     pub stop: CancellationToken,
+    /// Keeps the name bindings true to the store.
+    pub ownership: Arc<Ownership>,
+    /// Whether this host may take another start.
+    pub room: Arc<Room>,
 }
 
 impl Executor {
@@ -69,6 +74,10 @@ impl Executor {
                     Some(error) => Err(error),
                     None => self.guarded(request.clone(), None).await,
                 };
+                if let Some(name) = request.container_name() {
+                    let store = &self.ctx.store;
+                    self.ownership.settle(store, name, &Change::Nothing).await;
+                }
                 let header = self.header(&request, received.elapsed().as_millis() as u64);
                 answered(&request, &outcome, header.duration_ms);
                 // The intake may have given up (shutdown); then the delivery is redelivered.
@@ -113,8 +122,13 @@ impl Executor {
                     if number > 1 {
                         tracing::info!(seq, attempt = number, "resuming an interrupted request");
                     }
-                    self.guarded(request.clone(), Some(Attempt { seq, number }))
-                        .await
+                    match self.claim(&request).await {
+                        Ok(()) => {
+                            self.guarded(request.clone(), Some(Attempt { seq, number }))
+                                .await
+                        }
+                        Err(refused) => Err(refused),
+                    }
                 }
             },
         };
@@ -129,10 +143,25 @@ impl Executor {
         if let Err(e) = &outcome {
             tracing::info!(seq, op = %request.op(), code = ?e.code, "request failed: {}", e.message);
         }
+        if let Some(name) = request.container_name() {
+            self.ownership.settle(&self.ctx.store, name, &change).await;
+        }
         let reply_for =
             move |correlation: Option<&str>| to_body(&final_reply(&header, correlation, &outcome));
         if self.settle(seq, change, reply_for).await {
             self.outbox_wake.notify_one();
+        }
+        if let Some(name) = request.container_name() {
+            let was_start = matches!(request, Request::Start(_));
+            self.room.finished(name.as_str(), was_start);
+        }
+    }
+
+    /// Before a `start` runs: the name must route here ([`Ownership::claim`]).
+    async fn claim(&self, request: &Request) -> Result<(), OpError> {
+        match request {
+            Request::Start(start) => self.ownership.claim(&start.container_name).await,
+            _ => Ok(()),
         }
     }
 
@@ -270,6 +299,15 @@ fn final_reply(
     }
 }
 
+/// Ownership without a broker session (binding changes are skipped), for the unit tests.
+#[cfg(test)]
+fn test_ownership() -> Arc<Ownership> {
+    use clap::Parser;
+    let settings = crate::settings::Settings::try_parse_from(["test"]).unwrap();
+    let node = schemas::NodeId::parse("test").unwrap();
+    Arc::new(Ownership::new(crate::broker::Broker::new(&settings, &node)))
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -321,6 +359,8 @@ mod tests {
             max_attempts: 5,
             restore: false,
             stop: CancellationToken::new(),
+            ownership: super::test_ownership(),
+            room: Arc::new(super::Room::new(None)),
         });
         let request = start("nb1");
         let seq = accepted(&executor.ctx, &request).await;
@@ -381,6 +421,8 @@ mod settling {
             max_attempts: 5,
             restore: false,
             stop: CancellationToken::new(),
+            ownership: super::test_ownership(),
+            room: Arc::new(super::Room::new(None)),
         };
         let store = executor.ctx.store.clone();
         let stop = Request::Stop(ContainerRequest {

@@ -7,6 +7,7 @@
 //! which every job carries until it is done.
 
 mod executor;
+mod fleet;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::store::ReplyTarget;
 
 pub use executor::Executor;
+pub use fleet::{Ownership, Room};
 
 /// Lane of requests that name no container (`getallcont`); no container name can be this.
 pub const GLOBAL_LANE: &str = "*";

@@ -113,6 +113,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
     -- computed from their stored body, which is the same canonical form.
     ALTER TABLE requests ADD COLUMN digest TEXT;
 "#,
+    r#"
+    -- Whether a run of the worker is under way in this data directory: set at start-up,
+    -- cleared at a clean shutdown. Found set at start-up, the previous run died, and the
+    -- node's lease may still be held by its connection until the broker drops it.
+    CREATE TABLE run_marker (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        running INTEGER NOT NULL
+    );
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> StoreResult<()> {

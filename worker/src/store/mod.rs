@@ -13,7 +13,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 mod containers;
 mod inbox;
@@ -120,6 +120,37 @@ impl Store {
             Ok((inbox as u64, outbox as u64))
         })
         .await
+    }
+
+    /// Records that a run is under way; returns whether the previous run did not end cleanly
+    /// (its marker was still set).
+    pub async fn mark_running(&self) -> StoreResult<bool> {
+        self.writer
+            .call(|conn| {
+                let unclean = conn
+                    .query_row("SELECT running FROM run_marker WHERE id = 1", [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .optional()?
+                    .is_some_and(|running| running != 0);
+                conn.execute(
+                    "INSERT INTO run_marker (id, running) VALUES (1, 1)
+                     ON CONFLICT (id) DO UPDATE SET running = 1",
+                    [],
+                )?;
+                Ok(unclean)
+            })
+            .await
+    }
+
+    /// Records that the run ended cleanly.
+    pub async fn mark_stopped(&self) -> StoreResult<()> {
+        self.writer
+            .call(|conn| {
+                conn.execute("UPDATE run_marker SET running = 0 WHERE id = 1", [])?;
+                Ok(())
+            })
+            .await
     }
 
     /// Writes and commits a row: succeeds only when the database accepts writes.
