@@ -158,8 +158,11 @@ async def main() -> int:
         expect(await orchestrator.call({"op": "deletecontdata", **named}, timeout=60), 204)
         print(f"{args.name}: deleted with its data")
 
+        # Progress is best effort and a stage may be reported more than once (placement, then
+        # the host's lane): a repeated stage counts as one.
+        seen = [stage for i, stage in enumerate(stages) if i == 0 or stages[i - 1] != stage]
         wanted = ["queued", "building_image", "starting_instance"]
-        if stages != wanted:
+        if seen != wanted:
             print(f"expected the stages {wanted}, saw {stages}", file=sys.stderr)
             return 1
         return 0
