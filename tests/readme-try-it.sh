@@ -4,9 +4,10 @@
 # `<!-- try-it:client -->` (the second terminal), then Ctrl-C (SIGINT) to the worker. Fails when
 # a command fails, when the worker does not exit 0, or when an instance is left running.
 #
-# The section uses /tmp/try and the queue try.requests; this script removes /tmp/try before and
-# after, deletes try.requests and try.requests.dead, and apptainer.replies only if it did not
-# exist before. Needs the broker on 127.0.0.1:5672 (guest/guest) and rabbitmqctl.
+# The section uses /tmp/try and the exchange try; this script removes /tmp/try before and after,
+# deletes the queues and exchanges named try or try.* (the worker's fleet topology on that
+# exchange), and apptainer.replies only if it did not exist before. Needs the broker on
+# 127.0.0.1:5672 (guest/guest) and rabbitmqctl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
@@ -25,6 +26,21 @@ client_block="$(block client)"
 [[ -n "$worker_block" && -n "$client_block" ]] || { log "README.md lacks a try-it block"; exit 1; }
 
 queue_exists() { rabbitmqctl -q list_queues name | grep -qx "$1"; }
+# rabbitmqctl has no delete_exchange; this is what `exchange.delete` does, in RabbitMQ's own shell.
+delete_exchange() {
+    rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$1\">>), false, <<\"readme-try-it\">>)."
+}
+# Everything the worker declared for the exchange try (never another test's: those use
+# exchanges of their own names).
+delete_try_topology() {
+    local name
+    for name in $(rabbitmqctl -q list_queues name | grep -E '^try\.'); do
+        rabbitmqctl -q delete_queue "$name" >/dev/null 2>&1
+    done
+    for name in $(rabbitmqctl -q list_exchanges name | grep -E '^try(\.|$)'); do
+        delete_exchange "$name" >/dev/null 2>&1
+    done
+}
 replies_existed=0
 queue_exists apptainer.replies && replies_existed=1
 work="$(mktemp -d)"
@@ -38,9 +54,7 @@ cleanup() {
     fi
     APPTAINER_CONFIGDIR=/tmp/try/apptainer "$root/target/debug/fake-apptainer" \
         instance stop --all >/dev/null 2>&1
-    for queue in try.requests try.requests.dead; do
-        rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1
-    done
+    delete_try_topology
     ((replies_existed)) || rabbitmqctl -q delete_queue apptainer.replies >/dev/null 2>&1
     if [[ $status -ne 0 && -f "$work/worker.log" ]]; then
         log "the worker's log:"
@@ -51,6 +65,7 @@ cleanup() {
 }
 trap cleanup EXIT
 rm -rf /tmp/try
+delete_try_topology
 
 # The first terminal: in a process group of its own (job control), so Ctrl-C reaches it.
 log "running the worker block"

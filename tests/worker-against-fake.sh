@@ -6,10 +6,13 @@
 #   root, venv_python        the workspace root (also the working directory), the venv's python
 #   AMQP_URL                 exported, default guest/guest on 127.0.0.1:5672
 #   tmp, fake_bin            a scratch directory (removed at exit), fake-apptainer
-#   start_worker Q R [VAR=VALUE...]
-#                            starts the worker on request queue Q and reply queue R, with the
-#                            extra environment given, and waits until it consumes
-#   delete_queues            a function the script defines; called at exit with Q, R and Q.dead
+#   start_worker X R [VAR=VALUE...]
+#                            starts the worker on exchange X (--exchange; requests are published
+#                            to it with the container name as routing key) and reply queue R,
+#                            node id $prefix-<pid>, with the extra environment given, and waits
+#                            until it consumes
+#   delete_names             a function the script defines; called at exit with the worker's
+#                            broker names, each `queue:NAME` or `exchange:NAME`, to delete
 
 root="$(cd "$here/../.." && pwd)"
 cd "$root"
@@ -41,7 +44,7 @@ tmp="$(mktemp -d "${TMPDIR:-/tmp}/$prefix.XXXXXX")"
 export APPTAINER_CONFIGDIR="$tmp/cfg"
 mkdir -p "$APPTAINER_CONFIGDIR"
 worker_pid=""
-worker_queues=()
+worker_names=()
 log_shown=0
 
 cleanup() {
@@ -52,7 +55,7 @@ cleanup() {
         wait "$worker_pid" 2>/dev/null
     fi
     "$fake_bin" instance stop --all >/dev/null 2>&1
-    ((${#worker_queues[@]} == 0)) || delete_queues "${worker_queues[@]}"
+    ((${#worker_names[@]} == 0)) || delete_names "${worker_names[@]}"
     if [[ $status -ne 0 && $log_shown -eq 0 && -f "$tmp/worker.log" ]]; then
         log "last lines of the worker's log:"
         tail -n 30 "$tmp/worker.log" >&2
@@ -65,13 +68,22 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 start_worker() {
-    local queue=$1 reply_queue=$2
+    local exchange=$1 reply_queue=$2 node="$prefix-$$"
     shift 2
-    worker_queues=("$queue" "$reply_queue" "$queue.dead")
-    log "starting the worker on queue $queue (data in $tmp/data)"
+    # Every name the worker declares (schemas/src/topology.rs; README, "Running a fleet").
+    worker_names=("queue:$reply_queue")
+    local suffix
+    for suffix in place place.start "host.$node" expired dead; do
+        worker_names+=("queue:$exchange.$suffix")
+    done
+    worker_names+=("exchange:$exchange")
+    for suffix in unrouted owners nodes all expired; do
+        worker_names+=("exchange:$exchange.$suffix")
+    done
+    log "starting the worker on exchange $exchange as node $node (data in $tmp/data)"
     env NO_COLOR=1 APPTAINER_BIN="$fake_bin" ORCHESTRATOR_APPTAINER_ENV='FAKE_APPTAINER_*' "$@" \
-        "$worker_bin" --queue "$queue" --reply-queue "$reply_queue" --data-dir "$tmp/data" \
-        >"$tmp/worker.log" 2>&1 &
+        "$worker_bin" --exchange "$exchange" --node "$node" --reply-queue "$reply_queue" \
+        --data-dir "$tmp/data" >"$tmp/worker.log" 2>&1 &
     worker_pid=$!
 
     local deadline=$((SECONDS + 60))

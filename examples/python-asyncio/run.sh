@@ -13,22 +13,26 @@ venv="${EXAMPLE_VENV:-target/python-asyncio-venv}"
 # shellcheck source=../../tests/worker-against-fake.sh
 source "$here/../../tests/worker-against-fake.sh"
 
-delete_queues() {
+delete_names() {
     "$venv_python" - "$@" <<'PY'
 import asyncio, os, sys
 import aio_pika
-async def delete(names):
+async def delete(items):
     connection = await aio_pika.connect(os.environ["AMQP_URL"])
     async with connection:
         channel = await connection.channel()
-        for name in names:
-            await channel.queue_delete(name)
+        for item in items:
+            kind, name = item.split(":", 1)
+            if kind == "queue":
+                await channel.queue_delete(name)
+            else:
+                await channel.exchange_delete(name)
 asyncio.run(delete(sys.argv[1:]))
 PY
 }
 
-queue="example.requests.$$-$(date +%s%N)"
-start_worker "$queue" "$queue.replies" FAKE_APPTAINER_DELAY_MS=build=300
+exchange="example.$$-$(date +%s%N)"
+start_worker "$exchange" "$exchange.replies" FAKE_APPTAINER_DELAY_MS=build=300
 
-log "running client.py against queue $queue"
-"$venv_python" "$here/client.py" --amqp-url "$AMQP_URL" --queue "$queue"
+log "running client.py against exchange $exchange"
+"$venv_python" "$here/client.py" --amqp-url "$AMQP_URL" --exchange "$exchange"

@@ -6,9 +6,11 @@ replies are read from a private exclusive queue (and, for requests without ``rep
 worker's default reply queue), and every reply is validated against the checked-in JSON Schema
 ``schemas/json/reply.json`` (Draft 2020-12).
 
-The worker must already be running (see ``run.sh``) with the fake apptainer, consuming ``--queue``,
-replying to ``--reply-queue`` by default, with ``--data-dir`` as its data directory and the fake's
-invocation log at ``--fake-log``.
+Requests go where any backend sends them: to the worker's exchange (``--exchange``, durable,
+direct), with the container's name as routing key (empty for ``getallcont``), and a container's
+requests only after its ``start`` was answered. The worker must already be running (see
+``run.sh``) with the fake apptainer, on ``--exchange``, replying to ``--reply-queue`` by default,
+with ``--data-dir`` as its data directory and the fake's invocation log at ``--fake-log``.
 
 Prints one line per case (``PASS name`` or ``FAIL name: why``) and a last line
 ``N passed, M failed``; exits non-zero when any case failed.
@@ -17,6 +19,7 @@ Prints one line per case (``PASS name`` or ``FAIL name: why``) and a last line
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -27,6 +30,7 @@ import pika
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SCHEMA = os.path.normpath(os.path.join(HERE, "..", "..", "schemas", "json", "reply.json"))
+MOVER = os.path.normpath(os.path.join(HERE, "..", "..", "deploy", "move-old-requests"))
 REPLY_TIMEOUT = 30.0
 DRAIN_SECONDS = 1.0
 HOME_MOUNT = "/home/nextpyter"
@@ -39,12 +43,20 @@ class CaseFailed(Exception):
 class Client:
     """A plain pika client: publishes requests, collects every reply by correlation id."""
 
-    def __init__(self, url, queue, default_reply_queue, validator):
-        self.queue = queue
+    def __init__(self, url, exchange, default_reply_queue, validator):
+        self.exchange = exchange
         self.default_reply_queue = default_reply_queue
         self.validator = validator
         self.connection = pika.BlockingConnection(pika.URLParameters(url))
         self.channel = self.connection.channel()
+        try:
+            # Passive: only asks whether the worker declared it (a failure closes the channel).
+            self.connection.channel().exchange_declare(exchange, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            raise SystemExit(
+                f"the exchange {exchange} does not exist ({e}): start a worker with "
+                f"--exchange {exchange} first"
+            ) from e
         self.channel.confirm_delivery()
         declared = self.channel.queue_declare(queue="", exclusive=True, auto_delete=True)
         self.private_queue = declared.method.queue
@@ -91,10 +103,11 @@ class Client:
             message_id=message_id,
             delivery_mode=2,
         )
-        # mandatory + confirms: an unroutable request (no request queue) raises here.
+        # mandatory + confirms: a request nothing could route (no worker ever declared the
+        # queues behind the exchange) raises here.
         self.channel.basic_publish(
-            exchange="",
-            routing_key=self.queue,
+            exchange=self.exchange,
+            routing_key=routing_key(body),
             body=payload,
             properties=properties,
             mandatory=True,
@@ -144,6 +157,21 @@ class Client:
             problems.append(f"content_type is {properties.content_type!r}")
         return parsed, problems
 
+    def publish_to_queue(self, queue, body):
+        """Publishes a request the way clients of the single-host protocol did: to a queue,
+        through the default exchange. Returns the correlation id."""
+        correlation_id = f"acc-{uuid.uuid4()}"
+        properties = pika.BasicProperties(
+            content_type="application/json",
+            correlation_id=correlation_id,
+            reply_to=self.private_queue,
+            message_id=correlation_id,
+            delivery_mode=2,
+        )
+        self.channel.basic_publish("", queue, json.dumps(body).encode(), properties, mandatory=True)
+        self.sent.append(correlation_id)
+        return correlation_id
+
     def call(self, body, *, reply_to=True, message_id=None):
         correlation_id = self.publish(body, reply_to=reply_to, message_id=message_id)
         return self.wait(correlation_id, reply_to=reply_to)
@@ -153,6 +181,19 @@ class Client:
             self.connection.close()
         except Exception:  # noqa: BLE001 - best effort at the end
             pass
+
+
+def routing_key(body):
+    """The container's name, which routes a request to the host that owns the container; empty
+    for a request that names none (getallcont), or a body that is not a JSON object with a
+    string name (the worker answers those 400 wherever they land)."""
+    if isinstance(body, bytes):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return ""
+    name = body.get("container_name") if isinstance(body, dict) else None
+    return name if isinstance(name, str) else ""
 
 
 def short(reply):
@@ -217,7 +258,7 @@ def invocations(path, prefix, last=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queue", default=os.environ.get("ACCEPTANCE_QUEUE"))
+    parser.add_argument("--exchange", default=os.environ.get("ACCEPTANCE_EXCHANGE"))
     parser.add_argument("--reply-queue", default=os.environ.get("ACCEPTANCE_REPLY_QUEUE"))
     parser.add_argument("--data-dir", default=os.environ.get("ACCEPTANCE_DATA_DIR"))
     parser.add_argument("--fake-log", default=os.environ.get("FAKE_APPTAINER_LOG"))
@@ -226,7 +267,7 @@ def main():
     )
     parser.add_argument("--schema", default=DEFAULT_SCHEMA)
     args = parser.parse_args()
-    for name in ("queue", "reply_queue", "data_dir", "fake_log"):
+    for name in ("exchange", "reply_queue", "data_dir", "fake_log"):
         if not getattr(args, name):
             parser.error(f"--{name.replace('_', '-')} (or its environment variable) is required")
 
@@ -235,7 +276,7 @@ def main():
     jsonschema.Draft202012Validator.check_schema(schema)
     validator = jsonschema.Draft202012Validator(schema)
 
-    client = Client(args.amqp_url, args.queue, args.reply_queue, validator)
+    client = Client(args.amqp_url, args.exchange, args.reply_queue, validator)
     results = []
 
     def case(name, fn):
@@ -605,6 +646,35 @@ def main():
         "same createvolume twice (same message_id, after the reply) -> same reply, not run again",
         duplicate_createvolume_answered,
     )
+
+    # ---------------------------------------------------------------- upgrade
+    def old_queue_moved():
+        # README, "Upgrading from a single host": requests left in the old queue reach their
+        # containers through deploy/move-old-requests, and are answered to their requesters.
+        old = f"{args.exchange}.old-requests"
+        client.channel.queue_declare(old, durable=True)
+        try:
+            read = client.publish_to_queue(old, {"op": "getcont", "container_name": B})
+            listed = client.publish_to_queue(old, {"op": "getallcont"})
+            unknown = client.publish_to_queue(old, {"op": "getcont", "container_name": f"nobody-{run}"})
+            mover = subprocess.run(
+                [sys.executable, MOVER, "--amqp-url", args.amqp_url, "--from", old,
+                 "--exchange", args.exchange],
+                capture_output=True, text=True, timeout=60,
+            )
+            expect(mover.returncode == 0, f"move-old-requests exited {mover.returncode}: {mover.stderr}")
+            expect("moved 3 request(s)" in mover.stdout, f"move-old-requests said {mover.stdout!r}")
+            reply = client.wait(read)
+            expect_status(reply, 200)
+            expect((reply.get("result") or {}).get("container_name") == B, f"record: {short(reply)}")
+            expect_status(client.wait(listed), 200)
+            expect_status(client.wait(unknown), 404, "not_found")
+            left = client.channel.queue_declare(old, passive=True).method.message_count
+            expect(left == 0, f"{left} messages left in {old}")
+        finally:
+            client.channel.queue_delete(old)
+
+    case("requests left in an old request queue -> moved to the exchange, answered", old_queue_moved)
 
     # ---------------------------------------------------------------- exactly one reply each
     def one_reply_each():

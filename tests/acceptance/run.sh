@@ -14,31 +14,35 @@ venv="${ACCEPTANCE_VENV:-target/acceptance-venv}"
 # shellcheck source=../worker-against-fake.sh
 source "$here/../worker-against-fake.sh"
 
-delete_queues() {
+delete_names() {
     "$venv_python" - "$@" <<'PY'
 import os, sys
 import pika
 try:
     connection = pika.BlockingConnection(pika.URLParameters(os.environ["AMQP_URL"]))
     channel = connection.channel()
-    for queue in sys.argv[1:]:
-        channel.queue_delete(queue=queue)
+    for item in sys.argv[1:]:
+        kind, name = item.split(":", 1)
+        if kind == "queue":
+            channel.queue_delete(queue=name)
+        else:
+            channel.exchange_delete(exchange=name)
     connection.close()
 except Exception as e:
-    print(f"acceptance: could not delete the test queues: {e!r}", file=sys.stderr)
+    print(f"acceptance: could not delete the test's queues and exchanges: {e!r}", file=sys.stderr)
 PY
 }
 
 suffix="$$-$(date +%s%N)"
-queue="acceptance.requests.$suffix"
+exchange="acceptance.$suffix"
 reply_queue="acceptance.replies.$suffix"
 export FAKE_APPTAINER_LOG="$tmp/fake.log"
-start_worker "$queue" "$reply_queue"
+start_worker "$exchange" "$reply_queue"
 
 # --- the test -----------------------------------------------------------------------------------
 status=0
 "$venv_python" "$here/plain_amqp_client.py" \
-    --queue "$queue" --reply-queue "$reply_queue" --data-dir "$tmp/data" \
+    --exchange "$exchange" --reply-queue "$reply_queue" --data-dir "$tmp/data" \
     --fake-log "$FAKE_APPTAINER_LOG" --amqp-url "$AMQP_URL" \
     --schema "$root/schemas/json/reply.json" || status=$?
 exit "$status"

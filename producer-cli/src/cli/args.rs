@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use schemas::{
-    ContainerName, ContainerRequest, Op, PageRequest, Request, StartRequest, VolumeRequest,
-    DEFAULT_EXCHANGE, DEFAULT_REPLY_QUEUE,
+    ContainerName, ContainerRequest, Op, PageRequest, Request, StartRequest, Topology,
+    VolumeRequest, DEFAULT_EXCHANGE, DEFAULT_REPLY_QUEUE,
 };
 
 pub use crate::DEFAULT_AMQP_URL;
@@ -24,8 +24,8 @@ Exit codes:
   0  success
   1  the orchestrator answered with an error (its message and status are printed on stderr)
   2  the command line or the request was invalid; nothing was sent
-  3  the broker could not be reached, the exchange does not exist or no worker consumes (the
-     worker is probably not running), or no reply came within --timeout";
+  3  the broker could not be reached, the exchange does not exist or no worker runs on it (start
+     one with the same --exchange), or no reply came within --timeout";
 
 /// Command line client of apptainer-orchestrator: sends one request to the worker through
 /// RabbitMQ and prints its reply.
@@ -49,10 +49,15 @@ pub struct Common {
     /// The broker's URL [env: AMQP_URL] [default: amqp://guest:guest@127.0.0.1:5672/%2f].
     #[arg(long, global = true, value_name = "URL")]
     pub amqp_url: Option<String>,
-    /// The fleet's exchange, which requests are published to with the container's name as
-    /// routing key: the workers' --exchange [env: ORCHESTRATOR_EXCHANGE] [default: apptainer].
+    /// The exchange the workers take requests from, the same as their --exchange; requests are
+    /// published to it with the container's name as routing key, which reaches the host that
+    /// holds the container [env: ORCHESTRATOR_EXCHANGE] [default: apptainer].
     #[arg(long, global = true, value_name = "EXCHANGE")]
     pub exchange: Option<String>,
+    /// Gone with the fleet (requests go to an exchange, not a queue); refused with a message
+    /// that says to use --exchange.
+    #[arg(long, global = true, hide = true, value_name = "QUEUE")]
+    pub queue: Option<String>,
     /// How long to wait for the reply: 90, 90s, 5m, 1h, 500ms [default: 1h for start and
     /// restart, 60s for the others].
     #[arg(long, global = true, value_parser = parse_duration)]
@@ -244,22 +249,44 @@ impl StartArgs {
 }
 
 impl Common {
-    /// Fills `--amqp-url` and `--exchange` from `AMQP_URL` and `ORCHESTRATOR_EXCHANGE` when
-    /// the command line did not give them, then from the defaults; refuses an exchange name the
-    /// workers could not use (empty, too long, `amq.`).
-    pub fn resolve(mut self) -> Result<Self, String> {
-        let from_env = |name: &str| std::env::var(name).ok();
+    /// Fills `--amqp-url` and `--exchange` from `AMQP_URL` and `ORCHESTRATOR_EXCHANGE` when the
+    /// command line did not give them, then from the defaults; refuses an exchange name the
+    /// workers could not have (empty, too long, `amq.*`) and the old `--queue`.
+    pub fn resolve(self) -> Result<Self, String> {
+        self.resolve_with(|name| std::env::var(name).ok())
+    }
+
+    /// [`Common::resolve`] with the environment given, for tests.
+    fn resolve_with(mut self, env: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        if let Some(queue) = &self.queue {
+            return Err(format!(
+                "--queue is gone: requests are published to the workers' exchange, with the \
+                 container's name as routing key, not to a queue; give --exchange (the workers' \
+                 --exchange, default {DEFAULT_EXCHANGE}) instead of --queue {queue}"
+            ));
+        }
         let amqp_url = self
             .amqp_url
             .take()
-            .or_else(|| from_env("AMQP_URL"))
+            .or_else(|| env("AMQP_URL"))
             .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
-        let exchange = self
-            .exchange
-            .take()
-            .or_else(|| from_env("ORCHESTRATOR_EXCHANGE"))
-            .unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
-        schemas::Topology::new(&exchange)?;
+        let exchange = match self.exchange.take() {
+            Some(exchange) => exchange,
+            None => match env("ORCHESTRATOR_EXCHANGE") {
+                Some(exchange) => exchange,
+                None => {
+                    if let Some(queue) = env("ORCHESTRATOR_QUEUE") {
+                        eprintln!(
+                            "warning: ORCHESTRATOR_QUEUE={queue} is no longer read; requests go \
+                             to the exchange {DEFAULT_EXCHANGE} (set ORCHESTRATOR_EXCHANGE to \
+                             the workers' --exchange)"
+                        );
+                    }
+                    DEFAULT_EXCHANGE.to_owned()
+                }
+            },
+        };
+        Topology::new(&exchange)?;
         self.amqp_url = Some(amqp_url);
         self.exchange = Some(exchange);
         Ok(self)
@@ -270,7 +297,7 @@ impl Common {
         self.amqp_url.as_deref().unwrap_or(DEFAULT_AMQP_URL)
     }
 
-    /// The fleet's exchange, after [`Common::resolve`].
+    /// The workers' exchange, after [`Common::resolve`].
     pub fn exchange(&self) -> &str {
         self.exchange.as_deref().unwrap_or(DEFAULT_EXCHANGE)
     }
@@ -335,6 +362,43 @@ mod tests {
         assert_eq!(start.container_command, ["jupyter lab"]);
         assert_eq!(start.environment["TZ"], "UTC");
         assert_eq!(start.binds["/srv/a"], "/mnt/a");
+    }
+
+    fn common(args: &[&str]) -> Common {
+        let mut argv = vec!["orchestrator"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["getcont", "nb1"]);
+        Cli::try_parse_from(argv).unwrap().common
+    }
+
+    #[test]
+    fn the_exchange_comes_from_the_flag_then_the_environment_then_the_default() {
+        let env = |name: &str| (name == "ORCHESTRATOR_EXCHANGE").then(|| "from-env".to_owned());
+        let flag = common(&["--exchange", "fleet-b"])
+            .resolve_with(env)
+            .unwrap();
+        assert_eq!(flag.exchange(), "fleet-b");
+        let from_env = common(&[]).resolve_with(env).unwrap();
+        assert_eq!(from_env.exchange(), "from-env");
+        let default = common(&[]).resolve_with(|_| None).unwrap();
+        assert_eq!(default.exchange(), DEFAULT_EXCHANGE);
+    }
+
+    #[test]
+    fn an_exchange_the_workers_cannot_have_is_refused_saying_what_to_give() {
+        let empty = common(&["--exchange", ""]).resolve_with(|_| None);
+        assert!(empty.unwrap_err().contains("--exchange"));
+        let reserved = common(&["--exchange", "amq.direct"]).resolve_with(|_| None);
+        assert!(reserved.unwrap_err().contains("amq."));
+    }
+
+    #[test]
+    fn the_old_queue_flag_is_refused_saying_to_use_the_exchange() {
+        let error = common(&["--queue", "apptainer.requests"])
+            .resolve_with(|_| None)
+            .unwrap_err();
+        assert!(error.contains("--queue is gone"), "{error}");
+        assert!(error.contains("--exchange"), "{error}");
     }
 
     #[test]

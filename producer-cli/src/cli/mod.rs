@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
-use schemas::Op;
+use schemas::{Op, Topology};
 
 pub use args::{default_timeout, parse_duration, Cli, Command, Common};
 
@@ -30,7 +30,8 @@ pub enum Exit {
     ErrorReply = 1,
     /// The command line or the request was invalid; nothing was sent.
     Invalid = 2,
-    /// The broker was unreachable, the request queue missing, or no reply came in time.
+    /// The broker was unreachable, the exchange missing or without a worker, or no reply came
+    /// in time.
     Unavailable = 3,
 }
 
@@ -130,8 +131,8 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
     match client.workers_consuming().await {
         Ok(0) => {
             return Err(Failure::unavailable(format!(
-                "no worker of the fleet {} consumes: the workers are probably not running; nothing was sent (with --no-wait the request is queued until a worker starts)",
-                common.exchange()
+                "{}; nothing was sent (with --no-wait the request waits for a worker)",
+                no_worker(common.exchange())
             )))
         }
         Err(e) => return Err(unavailable(&common, e)),
@@ -235,20 +236,33 @@ pub(crate) fn unavailable(common: &Common, error: ClientError) -> Failure {
             "could not reach the broker at {} ({e}); is RabbitMQ running, and are --amqp-url and its credentials right?",
             schemas::redact_url(common.amqp_url())
         ),
+        ClientError::NoExchange(ref exchange) => format!(
+            "{error}: start a worker with --exchange {exchange}, or give this command the \
+             workers' --exchange (ORCHESTRATOR_EXCHANGE)"
+        ),
         other => other.to_string(),
     };
     Failure::unavailable(message)
 }
 
-/// No reply in time: say whether any worker of the fleet consumes.
+/// What to say when the exchange exists but no worker takes its requests.
+fn no_worker(exchange: &str) -> String {
+    format!(
+        "no worker of the fleet {exchange} consumes {}: the workers are probably not running; \
+         start one with --exchange {exchange}",
+        Topology::new(exchange).map_or_else(|_| exchange.to_owned(), |t| t.place())
+    )
+}
+
+/// No reply in time: say whether any worker still runs on the exchange.
 async fn no_reply(common: &Common, client: &Client, timeout: Duration) -> Failure {
     let seconds = timeout.as_secs_f64();
     let cause = match client.workers_consuming().await {
         Ok(0) => format!(
-            "no worker of the fleet {} consumes: the workers are probably not running (the request waits in the queue until one starts)",
-            common.exchange()
+            "{} (the request waits until one does)",
+            no_worker(common.exchange())
         ),
-        _ => "the worker is busy or slow; the request may still run: check with `orchestrator getcont`, or raise --timeout".to_owned(),
+        _ => "the worker is busy or slow, or the container's host is down (`orchestrator fleet hosts` shows the hosts); the request may still run: check with `orchestrator getcont`, or raise --timeout".to_owned(),
     };
     Failure::unavailable(format!("no reply within {seconds}s: {cause}"))
 }
