@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use schemas::fleet::{
-    FleetHosts, Forget, GatherAnswer, GatherAsk, HostStatus, FORGET, GATHER, HELLO,
-    HELLO_EVERY_SECS, HOSTS,
+    FleetHosts, Forget, GatherAnswer, GatherAsk, HostStatus, ANNOUNCEMENT_TTL_MS, FORGET, GATHER,
+    HELLO, HELLO_EVERY_SECS, HOSTS,
 };
 use schemas::{ErrorCode, Op, PageRequest, Reply, ReplyResult, Topology};
 use tokio::sync::Mutex;
@@ -236,9 +236,13 @@ impl Admin {
     async fn say(&self, status: &HostStatus) {
         let said = async {
             let body = serde_json::to_vec(status).expect("a status serialises");
-            self.publish_to_all(HELLO, &body, Some(Duration::from_secs(HELLO_EVERY_SECS)))
-                .await
-                .map_err(|e| e.to_string())
+            self.publish_to_all(
+                HELLO,
+                &body,
+                Some(Duration::from_millis(ANNOUNCEMENT_TTL_MS)),
+            )
+            .await
+            .map_err(|e| e.to_string())
         };
         match said.await {
             Ok(()) => {
