@@ -300,14 +300,33 @@ async fn sigterm_lets_the_running_build_finish_the_queued_write_resume_and_the_q
     let running = worker
         .send(start_request("drain"), Publish::default())
         .await;
-    // Sent once the start is placed (the name routes to this host): queued behind it here.
+    // Sent once the start is placed (the name routes to this host): queued behind it here,
+    // asking for progress so that the test knows when both are in the lane.
     wait_until_owned(&worker.exchange, "drain", Duration::from_secs(20)).await;
-    let queued = worker
-        .send(named("stop", "drain"), Publish::default())
-        .await;
-    let read = worker
-        .send(named("getcont", "drain"), Publish::default())
-        .await;
+    let (in_lane, mut queued_events) = tokio::sync::mpsc::unbounded_channel();
+    let mut waiting = Vec::new();
+    for request in [named("stop", "drain"), named("getcont", "drain")] {
+        let with_progress = Publish {
+            progress: true,
+            ..Publish::default()
+        };
+        let pending = worker.send(request, with_progress).await;
+        let in_lane = in_lane.clone();
+        waiting.push(tokio::spawn(async move {
+            pending
+                .wait_with_progress(REPLY_TIMEOUT * 2, move |event| {
+                    let _ = in_lane.send(event.stage.clone());
+                })
+                .await
+                .map(|envelope| envelope.reply)
+        }));
+    }
+    for _ in 0..2 {
+        let event = tokio::time::timeout(REPLY_TIMEOUT, queued_events.recv()).await;
+        assert_eq!(event.unwrap().flatten().as_deref(), Some("queued"));
+    }
+    let read = waiting.pop().unwrap();
+    let queued = waiting.pop().unwrap();
     worker
         .wait_for_builds_begun(1, Duration::from_secs(20))
         .await;
@@ -326,7 +345,7 @@ async fn sigterm_lets_the_running_build_finish_the_queued_write_resume_and_the_q
     );
     // The read queued behind the stop was acknowledged when queued: it is answered, asking the
     // client to send it again, rather than left to a broker that would not redeliver it.
-    let read = read.wait(REPLY_TIMEOUT).await.unwrap();
+    let read = read.await.unwrap().unwrap();
     assert_eq!(
         (read.status, code(&read)),
         (500, "internal".to_owned()),
@@ -336,7 +355,7 @@ async fn sigterm_lets_the_running_build_finish_the_queued_write_resume_and_the_q
     assert!(worker.running_instances().contains(&"drain".to_owned()));
     worker.restart().await;
     assert_eq!(
-        queued.wait(REPLY_TIMEOUT).await.unwrap().status,
+        queued.await.unwrap().unwrap().status,
         200,
         "the queued stop ran after the restart"
     );

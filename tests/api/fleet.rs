@@ -402,3 +402,28 @@ async fn a_request_with_a_deadline_waiting_for_a_host_that_is_gone_is_answered_5
     };
     assert!(record.container_active, "the expired stop never ran");
 }
+
+#[tokio::test]
+async fn a_probe_reaching_a_host_is_dropped_without_a_reply() {
+    // Arrange: nb1 on a host of one.
+    let workers = fleet(1, &[], &[]).await;
+    let worker = &workers[0];
+    assert_eq!(worker.call(start_request("nb1")).await.status, 201);
+
+    // Act: ownership probes (AMQP type orchestrator.probe, no reply_to) reach its queue.
+    let raw = raw_client().await;
+    for _ in 0..3 {
+        assert!(crate::helpers::is_owned(&raw.channel, &worker.exchange, "nb1").await);
+    }
+    assert_eq!(worker.call(named("getcont", "nb1")).await.status, 200);
+
+    // Assert: nothing was answered to the default reply queue, nothing is left in the queue.
+    for queue in [worker.reply_queue.clone(), worker.host_queue()] {
+        let depth = orchestrator_producer::declared(&raw.connection, &queue)
+            .await
+            .unwrap()
+            .expect("the queue exists")
+            .message_count();
+        assert_eq!(depth, 0, "{queue}");
+    }
+}

@@ -71,7 +71,12 @@ pub async fn consume_until_cancelled(
     let mut subscribed_before = false;
     let mut lease = LeaseWait::new(intake.lease_wait, intake.unclean_start);
     while !stop.is_cancelled() {
-        let session = match subscribe_all(broker, intake).await {
+        // Binding many names takes a while: a shutdown does not wait for it.
+        let subscribed = tokio::select! {
+            subscribed = subscribe_all(broker, intake) => subscribed,
+            () = stop.cancelled() => return Ok(()),
+        };
+        let session = match subscribed {
             Ok(session) => session,
             Err(Subscribe::Fatal(fatal)) => {
                 readiness.not_consuming(fatal.to_string());
@@ -117,23 +122,27 @@ pub async fn consume_until_cancelled(
         }
         if stop.is_cancelled() {
             readiness.not_consuming("the worker is shutting down");
-            let _ = channel
-                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                .await;
-            // Wait for the work in flight (lanes, and the acknowledgements, refusals and dead
-            // letters that settle deliveries on this channel), but not past the drain deadline.
-            // No delivery is taken any more, so the tracker can close.
-            drain.tracker.close();
-            tokio::select! {
-                () = drain.tracker.wait() => {}
-                () = drain.deadline.cancelled() => {}
-            }
+            stop_taking(&channel, &consumer, &drain).await;
         }
         let _ = connection
             .close(200, "worker stopping or re-subscribing".into())
             .await;
     }
     Ok(())
+}
+
+/// Cancels this host's consumer, then waits for the work in flight (lanes, and the
+/// acknowledgements, refusals and dead letters that settle deliveries on this channel), but not
+/// past the drain deadline. No delivery is taken any more, so the tracker can close.
+async fn stop_taking(channel: &lapin::Channel, consumer: &lapin::Consumer, drain: &Drain<'_>) {
+    let _ = channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await;
+    drain.tracker.close();
+    tokio::select! {
+        () = drain.tracker.wait() => {}
+        () = drain.deadline.cancelled() => {}
+    }
 }
 
 /// Why the worker stops consuming for good.
@@ -217,7 +226,7 @@ struct FleetConsumers {
 /// host's queue and the fleet's shared queues, in that order: nothing is taken before this
 /// host's names route to it.
 async fn subscribe_all(broker: &Broker, intake: &Intake) -> Result<Sessions, Subscribe> {
-    let (connection, channel, existed) = broker.consuming_connection().await?;
+    let (connection, _declaring, existed) = broker.consuming_connection().await?;
     match broker.claim_lease(&connection).await {
         Ok(()) => {}
         Err(LeaseError::Held { queue, node }) => {
@@ -235,9 +244,7 @@ async fn subscribe_all(broker: &Broker, intake: &Intake) -> Result<Sessions, Sub
     })?;
     let began = std::time::Instant::now();
     if existed {
-        broker
-            .bind_names(&channel, held.iter().map(String::as_str))
-            .await?;
+        broker.bind_all_names(&connection, &held).await?;
     } else {
         bind_unowned(broker, &connection, &confirm, &held).await?;
     }
