@@ -12,7 +12,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind};
-use schemas::fleet::{is_admin, FleetHosts, Forget, FORGET, HELLO_EVERY_SECS, HOSTS};
+use schemas::fleet::{is_admin, FleetHosts, Forget, ANNOUNCEMENT_TTL_MS, FORGET, HOSTS};
 use schemas::{ErrorCode, NodeId, Op, Reply, ReplyError, Request, Topology};
 
 use crate::publish_confirmed;
@@ -295,7 +295,7 @@ async fn tell_every_host(
     let properties = BasicProperties::default()
         .with_type(FORGET.into())
         .with_content_type("application/json".into())
-        .with_expiration((HELLO_EVERY_SECS * 1000).to_string().into());
+        .with_expiration(ANNOUNCEMENT_TTL_MS.to_string().into());
     channel
         .basic_publish(
             topology.all().as_str().into(),

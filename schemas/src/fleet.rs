@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::{ContainerPage, ADMIN_TYPE_PREFIX};
 
 /// A host announces itself ([`HostStatus`]) on `<exchange>.all`: at every (re)connect and
-/// every [`HELLO_EVERY_SECS`] seconds, with that as its TTL.
+/// every [`HELLO_EVERY_SECS`] seconds (sooner when its counts change), with a TTL of
+/// [`ANNOUNCEMENT_TTL_MS`].
 pub const HELLO: &str = "orchestrator.hello";
 
 /// A host asks every host for its containers ([`GatherAsk`]); each answers a [`GatherAnswer`]
@@ -23,9 +24,14 @@ pub const HOSTS: &str = "orchestrator.hosts";
 /// `orchestrator fleet forget` tells every host that a node is gone for good ([`Forget`]).
 pub const FORGET: &str = "orchestrator.forget";
 
-/// How often a host says hello, in seconds; also the hello's TTL, so a host that is gone leaves
-/// no hellos behind in queues nobody consumes.
+/// How often a host says hello at least, in seconds.
 pub const HELLO_EVERY_SECS: u64 = 30;
+
+/// The TTL of a message to every host that expects no answer (hello, forget), in
+/// milliseconds: a live host takes it at once, and in the queue of a host that is gone it must
+/// not wait long, because a request with a deadline behind it expires only once it reaches the
+/// head of that queue.
+pub const ANNOUNCEMENT_TTL_MS: u64 = 2_000;
 
 /// Whether a message's AMQP `type` marks it as an admin message rather than a request.
 pub fn is_admin(kind: Option<&str>) -> bool {

@@ -399,8 +399,8 @@ async fn closed_broker_connections_are_reopened_and_no_request_is_lost() {
         if i == 8 {
             assert_eq!(
                 close_worker_connections(&worker),
-                2,
-                "a consumer and a publisher connection"
+                3,
+                "a consumer, a publisher and a fleet admin connection"
             );
         }
     }
@@ -500,19 +500,20 @@ async fn a_full_disk_stops_acknowledging_and_the_worker_recovers_when_space_retu
     let log = worker.log();
 
     // Assert: nothing acknowledged (the broker still holds all five), and the log says why.
-    // The broker's counts of a quorum queue lag a little: poll them.
+    // The broker's counts of a quorum queue lag a little: poll them. The fleet's admin
+    // messages (this host's hello when its counts changed) that arrived while the intake
+    // waits are held too: at least five, and the five are answered below.
     let mut depth = (0, 0);
     for _ in 0..50 {
         depth = queue_depth(&worker.host_queue());
-        if depth.0 + depth.1 == 5 {
+        if depth.0 + depth.1 >= 5 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (ready, unacknowledged) = depth;
-    assert_eq!(
-        ready + unacknowledged,
-        5,
+    assert!(
+        ready + unacknowledged >= 5,
         "ready {ready}, unacknowledged {unacknowledged}"
     );
     assert!(log.contains("refuses writes"), "the log says why: {log}");

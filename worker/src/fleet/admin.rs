@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use schemas::fleet::{
-    FleetHosts, Forget, GatherAnswer, GatherAsk, HostStatus, FORGET, GATHER, HELLO,
-    HELLO_EVERY_SECS, HOSTS,
+    FleetHosts, Forget, GatherAnswer, GatherAsk, HostStatus, ANNOUNCEMENT_TTL_MS, FORGET, GATHER,
+    HELLO, HELLO_EVERY_SECS, HOSTS,
 };
 use schemas::{ErrorCode, Op, PageRequest, Reply, ReplyResult, Topology};
 use tokio::sync::Mutex;
@@ -51,6 +51,8 @@ pub struct Admin {
     link: Link,
     store: Store,
     gather_timeout: Duration,
+    /// The counts (held, running) this host last said in a hello, and when.
+    said: std::sync::Mutex<Option<((u64, u64), tokio::time::Instant)>>,
 }
 
 impl Admin {
@@ -61,6 +63,7 @@ impl Admin {
             topology: config.topology,
             roster,
             store,
+            said: std::sync::Mutex::default(),
             gather_timeout: config.gather_timeout,
         })
     }
@@ -233,12 +236,22 @@ impl Admin {
     async fn say(&self, status: &HostStatus) {
         let said = async {
             let body = serde_json::to_vec(status).expect("a status serialises");
-            self.publish_to_all(HELLO, &body, Some(Duration::from_secs(HELLO_EVERY_SECS)))
-                .await
-                .map_err(|e| e.to_string())
+            self.publish_to_all(
+                HELLO,
+                &body,
+                Some(Duration::from_millis(ANNOUNCEMENT_TTL_MS)),
+            )
+            .await
+            .map_err(|e| e.to_string())
         };
-        if let Err(e) = said.await {
-            tracing::warn!(error = %e, "could not say hello to the fleet; trying again at the next hello");
+        match said.await {
+            Ok(()) => {
+                *self.said.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(((status.held, status.running), tokio::time::Instant::now()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not say hello to the fleet; trying again at the next hello")
+            }
         }
     }
 
@@ -249,18 +262,17 @@ impl Admin {
     pub async fn say_hello_periodically(self: Arc<Self>) {
         let period = Duration::from_secs(HELLO_EVERY_SECS);
         let mut every = tokio::time::interval(COUNTS_CHECKED_EVERY);
-        let mut said: Option<(HostStatus, tokio::time::Instant)> = None;
         loop {
             every.tick().await;
             let Ok(status) = self.roster.own_status().await else {
                 continue;
             };
-            let due = said.as_ref().is_none_or(|(last, at)| {
-                at.elapsed() >= period || (last.held, last.running) != (status.held, status.running)
+            let said = *self.said.lock().unwrap_or_else(|p| p.into_inner());
+            let due = said.is_none_or(|(counts, at)| {
+                at.elapsed() >= period || counts != (status.held, status.running)
             });
             if due {
                 self.say(&status).await;
-                said = Some((status, tokio::time::Instant::now()));
             }
         }
     }

@@ -194,10 +194,6 @@ impl Intake {
     /// Takes a delivery apart: refusals and dead letters are answered here; reads and writes
     /// are returned, to be accepted in delivery order.
     async fn take(&self, delivery: Delivery, span: &tracing::Span) -> Taken {
-        if crate::fleet::is_admin(&delivery) {
-            self.tracker.spawn(crate::fleet::on_admin(delivery));
-            return Taken::Handled;
-        }
         let received = Instant::now();
         let envelope = Envelope::read(&delivery, &self.default_reply_queue);
         if delivery.redelivered {
