@@ -261,7 +261,9 @@ impl Admin {
     /// task is aborted.
     pub async fn say_hello_periodically(self: Arc<Self>) {
         let period = Duration::from_secs(HELLO_EVERY_SECS);
-        let mut every = tokio::time::interval(COUNTS_CHECKED_EVERY);
+        // The first hello is the consume loop's, at connect.
+        let first = tokio::time::Instant::now() + COUNTS_CHECKED_EVERY;
+        let mut every = tokio::time::interval_at(first, COUNTS_CHECKED_EVERY);
         loop {
             every.tick().await;
             let Ok(status) = self.roster.own_status().await else {
