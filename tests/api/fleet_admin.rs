@@ -353,11 +353,16 @@ async fn after_a_host_is_killed_fleet_forget_answers_its_waiting_requests_503_an
 
     // Assert: answered 503, then nb1 starts on the other host.
     assert_exit(&output, 0, "fleet forget");
-    assert!(
-        stdout(&output).contains("answered 3 waiting requests 503"),
-        "{}",
-        stdout(&output)
-    );
+    // At least the three sent while it was dead; the start may be there too, redelivered when
+    // the host was killed after its reply was published but before its ack reached the broker
+    // (its requester ignores a second final reply for a correlation id already answered).
+    let answered: usize = stdout(&output)
+        .split("answered ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {:?}", stdout(&output)));
+    assert!((3..=4).contains(&answered), "{}", stdout(&output));
     for pending in waiting {
         let reply = pending.wait(Duration::from_secs(30)).await.unwrap();
         assert_eq!(reply.status, 503, "{reply:?}");
