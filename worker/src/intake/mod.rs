@@ -195,7 +195,7 @@ impl Intake {
     /// are returned, to be accepted in delivery order.
     async fn take(&self, delivery: Delivery, span: &tracing::Span) -> Taken {
         if crate::fleet::is_admin(&delivery) {
-            self.tracker.spawn(crate::fleet::on_admin(delivery));
+            crate::fleet::on_admin(&self.fleet, &self.tracker, delivery).await;
             return Taken::Handled;
         }
         let received = Instant::now();
