@@ -21,7 +21,7 @@ use crate::helpers::{
 
 /// `count` workers on one fresh exchange, with `--max-containers` from `capacities` (none when
 /// shorter) and `extra` arguments each.
-async fn fleet(count: usize, capacities: &[u32], extra: &[&str]) -> Vec<TestWorker> {
+pub(crate) async fn fleet(count: usize, capacities: &[u32], extra: &[&str]) -> Vec<TestWorker> {
     let exchange = format!("test.fleet.{}", uuid::Uuid::new_v4().simple());
     let mut workers = Vec::new();
     for i in 0..count {
@@ -43,7 +43,7 @@ async fn fleet(count: usize, capacities: &[u32], extra: &[&str]) -> Vec<TestWork
     workers
 }
 
-fn owner<'a>(workers: &'a [TestWorker], node: &str) -> &'a TestWorker {
+pub(crate) fn owner<'a>(workers: &'a [TestWorker], node: &str) -> &'a TestWorker {
     workers
         .iter()
         .find(|w| w.node == node)
@@ -51,7 +51,7 @@ fn owner<'a>(workers: &'a [TestWorker], node: &str) -> &'a TestWorker {
 }
 
 /// `rabbitmqctl list_bindings`: the bindings from `exchange` with `key`.
-fn bindings(exchange: &str, key: &str) -> Vec<String> {
+pub(crate) fn bindings(exchange: &str, key: &str) -> Vec<String> {
     let output = Command::new("rabbitmqctl")
         .args([
             "-q",

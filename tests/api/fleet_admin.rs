@@ -112,7 +112,7 @@ async fn start_all(worker: &TestWorker, names: &[&str]) -> BTreeMap<String, Stri
     placed
 }
 
-fn signal(worker: &TestWorker, signal: Signal) {
+pub(crate) fn signal(worker: &TestWorker, signal: Signal) {
     let pid = worker.pid().expect("the worker runs");
     kill(Pid::from_raw(pid as i32), signal).unwrap();
 }
@@ -170,7 +170,7 @@ async fn a_killed_host_is_named_at_once_and_a_stopped_one_within_the_gather_time
 
     // Act / Assert: killed, its lease goes with its connection: named without waiting.
     signal(killed, Signal::SIGKILL);
-    lease_gone(killed).await;
+    lease_gone(killed, Duration::from_secs(10)).await;
     let asked = Instant::now();
     let reply = workers[0].call(json!({"op": "getallcont"})).await;
     let waited = asked.elapsed();
@@ -207,20 +207,18 @@ async fn a_killed_host_is_named_at_once_and_a_stopped_one_within_the_gather_time
     );
 }
 
-/// Waits (at most 10 s) until the broker has dropped the killed worker's connection, and with
-/// it its lease.
-async fn lease_gone(worker: &TestWorker) {
+/// Waits (at most `limit`) until the broker has dropped the worker's connection, and with it
+/// its lease.
+pub(crate) async fn lease_gone(worker: &TestWorker, limit: Duration) {
     let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
         .await
         .unwrap();
     let alive = worker
         .topology()
         .alive_queue(&schemas::NodeId::parse(&worker.node).unwrap());
-    crate::helpers::eventually(
-        "the killed worker's lease is gone",
-        Duration::from_secs(10),
-        async || lease(&connection, &alive).await == Lease::Gone,
-    )
+    crate::helpers::eventually("the worker's lease is gone", limit, async || {
+        lease(&connection, &alive).await == Lease::Gone
+    })
     .await;
 }
 

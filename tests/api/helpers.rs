@@ -74,6 +74,9 @@ pub struct WorkerOptions {
     pub exchange: Option<String>,
     /// `--node`; a fresh one by default.
     pub node: Option<String>,
+    /// The broker of the worker and of its client: [`AMQP_URL`] by default (a private broker,
+    /// or the shared one with URL options such as `?heartbeat=5`).
+    pub amqp_url: Option<String>,
 }
 
 /// One worker process with everything it owns.
@@ -102,7 +105,8 @@ pub async fn spawn_worker_with(options: WorkerOptions) -> TestWorker {
     let exchange = options.exchange.unwrap_or_else(|| format!("test.{id}"));
     let reply_queue = format!("test.replies.{id}");
     let node = options.node.unwrap_or_else(|| format!("test-{id}"));
-    let setup = WorkerSetup::new(AMQP_URL, dir.path(), &exchange, &node, &reply_queue);
+    let amqp_url = options.amqp_url.unwrap_or_else(|| AMQP_URL.to_owned());
+    let setup = WorkerSetup::new(&amqp_url, dir.path(), &exchange, &node, &reply_queue);
     let mut setup = setup;
     setup.data_dir = match (options.data_dir, options.relative_data_dir) {
         (Some(data), _) => data,
@@ -118,7 +122,7 @@ pub async fn spawn_worker_with(options: WorkerOptions) -> TestWorker {
     let process = WorkerProcess::start(&binaries(), setup).expect("the worker binary starts");
     let mut worker = TestWorker {
         node,
-        client: Client::connect(AMQP_URL, &exchange).await.unwrap(),
+        client: Client::connect(&amqp_url, &exchange).await.unwrap(),
         exchange,
         reply_queue,
         dir,

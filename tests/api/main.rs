@@ -16,6 +16,7 @@ mod failures;
 mod faults;
 mod fleet;
 mod fleet_admin;
+mod fleet_proofs;
 mod hostile;
 mod http;
 mod idempotency;
