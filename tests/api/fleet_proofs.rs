@@ -765,12 +765,10 @@ async fn a_broker_restarted_mid_stream_loses_no_request_and_keeps_each_container
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails on main: the returning host finds its queue existing, binds nb1 again beside B \
-            and its start-up reconciler restarts nb1 (see the report of branch fleet-proofs)"]
-async fn a_forgotten_host_that_comes_back_leaves_its_name_to_the_host_that_holds_it_now() {
-    // Arrange: nb1 on host A, which is killed, forgotten, and whose instance is gone meanwhile
-    // (the machine rebooted); nb1 started again on host B.
+/// nb1 on host A, which is killed, forgotten, and whose instance is gone meanwhile (the machine
+/// rebooted); nb1 started again on host B; then A comes back (same node id and data directory).
+/// Returns the workers and the indexes of A and B.
+async fn a_forgotten_host_comes_back() -> (Vec<TestWorker>, usize, usize) {
     let mut workers = fleet(2, &[], &[]).await;
     let exchange = workers[0].exchange.clone();
     let first = workers[0].call(start_request("nb1")).await;
@@ -792,27 +790,39 @@ async fn a_forgotten_host_that_comes_back_leaves_its_name_to_the_host_that_holds
         .status()
         .unwrap();
     assert!(stopped.success());
-
-    // Act: A comes back (same node id and data directory).
     workers[a].restart().await;
+    (workers, a, b)
+}
 
-    // Assert: nb1 still routes to B only, A does not start it again, B answers for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_host_that_comes_back_leaves_its_name_routed_to_the_host_that_holds_it_now() {
+    let (workers, a, b) = a_forgotten_host_comes_back().await;
+    let exchange = &workers[0].exchange;
+
+    // Assert: nb1 still routes to B only, and B answers for it.
     let reply = workers[a].call(named("getcont", "nb1")).await;
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(
         reply.node,
         workers[b].node,
         "bindings {:?}; A's log:\n{}",
-        bindings(&exchange, "nb1"),
+        bindings(exchange, "nb1"),
         workers[a].log()
     );
     assert_eq!(
-        bindings(&exchange, "nb1"),
+        bindings(exchange, "nb1"),
         [workers[b].host_queue()],
         "A is {}; its log:\n{}",
         workers[a].node,
         workers[a].log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails: the returning host's start-up reconciler, which runs before the host learns \
+            which of its names are owned elsewhere, restarts nb1 (issue 13, left open)"]
+async fn a_forgotten_host_that_comes_back_does_not_start_the_container_held_elsewhere() {
+    let (workers, a, b) = a_forgotten_host_comes_back().await;
     let restarted = tokio::time::timeout(Duration::from_secs(5), async {
         crate::helpers::eventually("A starting nb1", REPLY_TIMEOUT, async || {
             calls_for(&workers[a], "instance start", "nb1") > 1

@@ -124,7 +124,8 @@ impl Broker {
         ))
     }
 
-    /// Connects, declares the topology and disconnects: what `--check` asks of the broker.
+    /// Connects, declares the shared topology and disconnects: what `--check` asks of the
+    /// broker (this host's queue is left to the worker, see [`Broker::declare_host_queue`]).
     pub async fn check(&self) -> Result<(), BrokerError> {
         let connection = self.connect("check").await?;
         let channel = connection
@@ -147,6 +148,7 @@ impl Broker {
             .await
             .map_err(self.error("refused a channel"))?;
         self.declare_topology(&channel).await?;
+        self.declare_host_queue(&channel).await?;
         Ok((connection, channel, existed))
     }
 

@@ -13,8 +13,11 @@ use super::{amqp_code, Broker, BrokerError};
 const PRECONDITION_FAILED: u16 = 406;
 
 impl Broker {
-    /// Declares every exchange and queue of the fleet and this host's queue with its fixed
-    /// bindings. The container names' bindings are not declared here: see `broker::fleet`.
+    /// Declares every exchange and shared queue of the fleet, the default reply queue and the
+    /// dead-letter queue: what every connection of the worker may publish to. This host's queue
+    /// is not declared here but only by the consuming connection
+    /// ([`Broker::declare_host_queue`]), after it has looked whether the queue still exists: a
+    /// queue re-created by a publisher or by `--check` would hide that the host was forgotten.
     pub async fn declare_topology(&self, channel: &Channel) -> Result<(), BrokerError> {
         let t = &self.topology;
         let mut front = FieldTable::default();
@@ -37,19 +40,25 @@ impl Broker {
         for queue in [t.place(), t.place_start(), t.expired()] {
             self.declare_fleet_queue(channel, &queue).await?;
         }
-        let host = t.host_queue(&self.node);
-        self.declare_fleet_queue(channel, &host).await?;
-        for (queue, exchange, key) in [
-            (t.place(), t.unrouted(), ""),
-            (t.expired(), t.expired(), ""),
-            (host.clone(), t.nodes(), self.node.as_str()),
-            (host.clone(), t.all(), ""),
-        ] {
-            self.bind(channel, &queue, &exchange, key, false).await?;
+        for (queue, exchange) in [(t.place(), t.unrouted()), (t.expired(), t.expired())] {
+            self.bind(channel, &queue, &exchange, "", false).await?;
         }
         for queue in [&self.reply_queue, &self.dead_letter_queue] {
             self.declare_queue(channel, queue, FieldTable::default())
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// Declares this host's queue with its fixed bindings (to `<exchange>.nodes` with the node
+    /// id, to `<exchange>.all`). The container names' bindings are not declared here: see
+    /// `broker::fleet`.
+    pub async fn declare_host_queue(&self, channel: &Channel) -> Result<(), BrokerError> {
+        let t = &self.topology;
+        let host = t.host_queue(&self.node);
+        self.declare_fleet_queue(channel, &host).await?;
+        for (exchange, key) in [(t.nodes(), self.node.as_str()), (t.all(), "")] {
+            self.bind(channel, &host, &exchange, key, false).await?;
         }
         Ok(())
     }
