@@ -130,6 +130,43 @@ async fn new_containers_spread_over_the_hosts_and_every_request_for_a_name_runs_
     }
 }
 
+/// Placement probes ownership with a mandatory publish and reads "nobody owns it" from the
+/// broker's return. Probes that shared a channel with other placements' publishes could take
+/// another publish's confirm, read "owned" and drop the start unanswered (seen by the bench:
+/// 1 to 3 starts in 200 without a reply).
+#[tokio::test]
+async fn every_one_of_many_simultaneous_starts_of_new_names_is_answered() {
+    // Arrange: two hosts, two client connections.
+    let workers = fleet(2, &[], &[]).await;
+    let exchange = workers[0].exchange.clone();
+    let clients = [
+        Client::connect(AMQP_URL, &exchange).await.unwrap(),
+        Client::connect(AMQP_URL, &exchange).await.unwrap(),
+    ];
+
+    // Act: 150 starts of distinct new names, published together.
+    let mut pending = Vec::new();
+    for i in 0..150 {
+        let body = start_request(&format!("many{i:03}")).to_string();
+        pending.push(
+            clients[i % 2]
+                .send(body.as_bytes(), Publish::default())
+                .await
+                .unwrap(),
+        );
+    }
+
+    // Assert: each answered 201 (none dropped), each on one host.
+    let mut unanswered = Vec::new();
+    for (i, reply) in pending.into_iter().enumerate() {
+        match reply.wait(REPLY_TIMEOUT).await {
+            Ok(reply) => assert_eq!(reply.status, 201, "{reply:?}"),
+            Err(_) => unanswered.push(format!("many{i:03}")),
+        }
+    }
+    assert!(unanswered.is_empty(), "starts never answered: {unanswered:?}");
+}
+
 #[tokio::test]
 async fn fifty_simultaneous_starts_of_one_name_make_exactly_one_container() {
     // Arrange: three hosts, five client connections.

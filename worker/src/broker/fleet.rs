@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use schemas::ContainerName;
@@ -32,14 +34,21 @@ pub enum Routed {
     Returned,
 }
 
-/// A name's lock: an exclusive queue on a channel of its own. Released by [`NameLock::release`]
-/// (or by the connection's end).
+/// A name's lock: an exclusive queue on a channel of its own, in confirm mode, on which the
+/// name is probed and a placed start forwarded: a channel with one publish in flight at a time,
+/// so the broker's return of a probe can only be that probe's. Released by
+/// [`NameLock::release`] (or by the connection's end).
 pub struct NameLock {
     channel: Channel,
     queue: String,
 }
 
 impl NameLock {
+    /// The lock's own channel, in confirm mode.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
     pub async fn release(self) {
         let _ = self
             .channel
@@ -99,7 +108,13 @@ impl Broker {
                 .await
                 .map_err(self.error("refused a channel"))?;
             match declare_exclusive(&channel, &queue).await {
-                Ok(()) => return Ok(NameLock { channel, queue }),
+                Ok(()) => {
+                    channel
+                        .confirm_select(ConfirmSelectOptions::default())
+                        .await
+                        .map_err(self.error("refused publisher confirms"))?;
+                    return Ok(NameLock { channel, queue });
+                }
                 Err(e) if amqp_code(&e) == Some(RESOURCE_LOCKED) => match delays.next() {
                     Some(delay) => tokio::time::sleep(delay).await,
                     None => return Err(self.error("kept the name's lock held too long")(e)),
@@ -111,16 +126,16 @@ impl Broker {
 
     /// Publishes `body` to `<exchange>.owners` with the name as routing key, mandatory and
     /// confirmed: [`Routed::Yes`] when some host owns the name (the message is now in its
-    /// queue), [`Routed::Returned`] when nobody does. `channel` must be in confirm mode.
+    /// queue), [`Routed::Returned`] when nobody does. Only under the name's lock, on its channel.
     pub async fn probe(
         &self,
-        channel: &Channel,
+        lock: &NameLock,
         name: &ContainerName,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<Routed, BrokerError> {
         let owners = self.topology.owners();
-        self.publish_routed(channel, &owners, name.as_str(), body, properties)
+        self.publish_routed(lock.channel(), &owners, name.as_str(), body, properties)
             .await
     }
 

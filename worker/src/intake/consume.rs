@@ -290,7 +290,7 @@ async fn bind_unowned(
         };
         let lock = broker.lock_name(connection, &name).await?;
         let probe = lapin::BasicProperties::default().with_type(schemas::PROBE_TYPE.into());
-        let routed = broker.probe(confirm, &name, b"{}", probe).await;
+        let routed = broker.probe(&lock, &name, b"{}", probe).await;
         let bound = match routed {
             Ok(crate::broker::Routed::Returned) => broker.bind_name(confirm, name.as_str()).await,
             Ok(crate::broker::Routed::Yes) => {

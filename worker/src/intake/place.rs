@@ -22,7 +22,7 @@ use tracing::Instrument;
 use super::consume::next_request;
 use super::envelope::Envelope;
 use super::{decode, requeue, Intake, Refused};
-use crate::broker::{BrokerError, Routed};
+use crate::broker::{BrokerError, NameLock, Routed};
 use crate::progress::Watcher;
 use crate::reply::{to_body, ReplyHeader};
 
@@ -178,7 +178,7 @@ impl Placer<'_> {
             Ok(lock) => lock,
             Err(e) => return Err((delivery, e)),
         };
-        let probed = self.probe(&name, &delivery).await;
+        let probed = self.probe(&lock, &name, &delivery).await;
         lock.release().await;
         match probed {
             Ok(Routed::Yes) => ack(delivery).await,
@@ -271,7 +271,7 @@ impl Placer<'_> {
             Ok(lock) => lock,
             Err(e) => return Err((delivery, e)),
         };
-        let placed = self.place(name, &delivery).await;
+        let placed = self.place(&lock, name, &delivery).await;
         lock.release().await;
         match placed {
             Ok(()) => ack(delivery).await,
@@ -284,9 +284,14 @@ impl Placer<'_> {
     /// request the binding will route to this host; the lock keeps every other placement of
     /// the name waiting until both are done. A crash between the two leaves the start in this
     /// host's queue and the delivery to be placed again: the next placement binds the name.
-    async fn place(&self, name: &ContainerName, delivery: &Delivery) -> Result<(), BrokerError> {
+    async fn place(
+        &self,
+        lock: &NameLock,
+        name: &ContainerName,
+        delivery: &Delivery,
+    ) -> Result<(), BrokerError> {
         let broker = &self.intake.broker;
-        if self.probe(name, delivery).await? == Routed::Yes {
+        if self.probe(lock, name, delivery).await? == Routed::Yes {
             tracing::debug!(container = %name, "the name is owned by a host; the start went there");
             return Ok(());
         }
@@ -296,7 +301,7 @@ impl Placer<'_> {
         room.placed(name.as_str());
         self.intake.ownership.bound(name.as_str());
         let forwarded = broker
-            .forward_to_self(self.channel, &delivery.data, placed(delivery))
+            .forward_to_self(lock.channel(), &delivery.data, placed(delivery))
             .await;
         match forwarded {
             Ok(Routed::Yes) => {}
@@ -321,12 +326,13 @@ impl Placer<'_> {
     /// some host owns the name, returned otherwise.
     async fn probe(
         &self,
+        lock: &NameLock,
         name: &ContainerName,
         delivery: &Delivery,
     ) -> Result<Routed, BrokerError> {
         self.intake
             .broker
-            .probe(self.channel, name, &delivery.data, placed(delivery))
+            .probe(lock, name, &delivery.data, placed(delivery))
             .await
     }
 }

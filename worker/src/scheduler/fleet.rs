@@ -73,7 +73,7 @@ impl Ownership {
         let claimed = async {
             let lock = self.broker.lock_name(&connection, name).await?;
             let probe = BasicProperties::default().with_type(schemas::PROBE_TYPE.into());
-            let routed = self.broker.probe(&channel, name, b"{}", probe).await;
+            let routed = self.broker.probe(&lock, name, b"{}", probe).await;
             let outcome = match routed {
                 Ok(Routed::Returned) => self
                     .broker
