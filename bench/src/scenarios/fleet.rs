@@ -134,7 +134,13 @@ async fn start_containers(
                         REPLY_TIMEOUT,
                     )
                     .await
-                    .with_context(|| format!("start {} got no reply", fleet_name(index)))?;
+                    .with_context(|| {
+                        format!(
+                            "start {} through {} got no reply",
+                            fleet_name(index),
+                            client.topology().exchange()
+                        )
+                    })?;
                 if reply.status != 201 {
                     bail!(
                         "start {} answered {}: {:?}",
