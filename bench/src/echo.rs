@@ -2,7 +2,7 @@
 //! the same request bodies from their own durable queue with the worker's prefetch and manual
 //! acks, decode each request and publish a reply of the worker's shape and size on a second
 //! connection; they keep no state. They differ in what they promise about the reply (see
-//! [`EchoKind`]).
+//! [`EchoKind`]); their queue is classic or quorum, as the worker's host queue can be.
 
 use std::collections::BTreeMap;
 
@@ -12,8 +12,9 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use orchestrator_worker::settings::QueueType;
 use schemas::{BindsResult, ContainerRecord, Op, Reply, ReplyResult, Request};
 use tokio::task::JoinHandle;
 
@@ -49,13 +50,14 @@ pub struct Echo {
 
 impl Echo {
     /// Declares the exchange `exchange` (a fanout, so every request reaches it) and the durable
-    /// queue `<exchange>.place` bound to it, where the client library counts consumers, and
-    /// starts answering that queue.
+    /// queue `<exchange>.place` of type `queue_type` bound to it, where the client library
+    /// counts consumers, and starts answering that queue.
     pub async fn start(
         amqp_url: &str,
         exchange: &str,
         prefetch: u16,
         kind: EchoKind,
+        queue_type: QueueType,
     ) -> anyhow::Result<Self> {
         let topology = schemas::Topology::new(exchange).map_err(anyhow::Error::msg)?;
         let queue = topology.place();
@@ -65,6 +67,11 @@ impl Echo {
             .context("the echo responder could not reach the broker")?;
         let publisher = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
         let channel = consumer.create_channel().await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(queue_type.as_str().into()),
+        );
         channel
             .queue_declare(
                 queue.into(),
@@ -72,7 +79,7 @@ impl Echo {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
-                FieldTable::default(),
+                arguments,
             )
             .await?;
         channel

@@ -11,8 +11,14 @@ use orchestrator_harness::{self as harness, WorkerSetup};
 pub use orchestrator_harness::{delete_exchanges, delete_queues, Binaries};
 use orchestrator_worker::store::{ContainerRow, Store};
 
-/// How long a worker may take to start consuming before the run is abandoned.
+/// How long a worker may take to start consuming before the run is abandoned, with an empty
+/// store; see [`READY_TIME_PER_NAME`].
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// What each container in a worker's store adds to [`READY_TIMEOUT`]: the worker binds every
+/// name it holds before it consumes, and the broker takes milliseconds per durable binding
+/// (about 3 ms per name, two bindings each, on the 2-core development machine), so 100,000
+/// names take minutes.
+const READY_TIME_PER_NAME: Duration = Duration::from_millis(10);
 /// How long a worker may take to stop after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -52,6 +58,11 @@ pub struct WorkerSpec {
     pub concurrency: u32,
     /// Extra environment (for fake-apptainer: `FAKE_APPTAINER_DELAY_MS`, ...).
     pub env: Vec<(String, String)>,
+    /// Extra command-line arguments (`--queue-type classic`, ...).
+    pub args: Vec<String>,
+    /// How many containers were seeded into its store: each is bound at start-up, and the
+    /// readiness deadline allows for that.
+    pub seeded: usize,
 }
 
 /// One worker process and the directory it owns.
@@ -60,6 +71,7 @@ pub struct WorkerProcess {
     pub exchange: String,
     pub dir: PathBuf,
     process: harness::WorkerProcess,
+    ready_timeout: Duration,
 }
 
 /// Where a worker under `dir` keeps its state database (the worker's `--data-dir` layout).
@@ -110,7 +122,8 @@ pub fn seed(dir: &Path, count: usize) -> anyhow::Result<Duration> {
 }
 
 impl WorkerProcess {
-    /// Starts a worker in `dir` (created if needed) on fresh queues named after `label`.
+    /// Starts a worker in `dir` (created if needed) on a fresh exchange named after `label`:
+    /// a fleet of one.
     pub fn spawn(
         bins: &Binaries,
         amqp_url: &str,
@@ -121,16 +134,31 @@ impl WorkerProcess {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let exchange = format!("bench.{label}.{id}");
         let node = format!("bench-{}", &id[..12]);
-        let reply_queue = format!("bench.{label}.{id}.replies");
-        let mut setup = WorkerSetup::new(amqp_url, dir, &exchange, &node, &reply_queue);
+        Self::spawn_member(bins, amqp_url, dir, &exchange, &node, spec)
+    }
+
+    /// Starts the worker `node` of the fleet `exchange` in `dir` (created if needed); several
+    /// members of one fleet share the exchange and differ in node, directory and fake state.
+    pub fn spawn_member(
+        bins: &Binaries,
+        amqp_url: &str,
+        dir: &Path,
+        exchange: &str,
+        node: &str,
+        spec: &WorkerSpec,
+    ) -> anyhow::Result<Self> {
+        let reply_queue = format!("{exchange}.{node}.replies");
+        let mut setup = WorkerSetup::new(amqp_url, dir, exchange, node, &reply_queue);
         setup.concurrency = spec.concurrency;
         setup.env = spec.env.clone();
+        setup.args = spec.args.clone();
         let process = harness::WorkerProcess::start(bins, setup)
             .with_context(|| format!("could not start {}", bins.worker.display()))?;
         Ok(Self {
-            exchange,
+            exchange: exchange.to_owned(),
             dir: dir.to_owned(),
             process,
+            ready_timeout: READY_TIMEOUT + READY_TIME_PER_NAME * spec.seeded as u32,
         })
     }
 
@@ -143,7 +171,7 @@ impl WorkerProcess {
     pub async fn wait_until_consuming(&mut self, since: Instant) -> anyhow::Result<Duration> {
         match self
             .process
-            .wait_until_consuming(READY_TIMEOUT, Duration::from_millis(5))
+            .wait_until_consuming(self.ready_timeout, Duration::from_millis(5))
             .await
         {
             Ok(()) => Ok(since.elapsed()),
@@ -174,12 +202,86 @@ impl WorkerProcess {
             .unwrap_or(false)
     }
 
+    /// How many names the worker bound at its last connect and how long that took, from its
+    /// own log line (`bound this host's container names names=N took=DURATION`); `None` when
+    /// the line is not there (yet).
+    pub fn startup_binding(&self) -> Option<(usize, Duration)> {
+        let log = self.process.log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("bound this host's container names"))?;
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|word| word.strip_prefix(key))
+                .map(str::to_owned)
+        };
+        let names = field("names=")?.parse().ok()?;
+        let took = parse_debug_duration(&field("took=")?)?;
+        Some((names, took))
+    }
+
     /// Stops the worker (SIGTERM, then SIGKILL after a deadline), stops every instance it
     /// started and deletes its queues.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        self.process.terminate(STOP_TIMEOUT).await?;
-        self.process.stop_instances();
-        self.process.delete_queues().await;
-        Ok(())
+    pub async fn stop(self) -> anyhow::Result<()> {
+        stop_all(vec![self]).await
+    }
+}
+
+/// Stops workers that may share one fleet: every one of them first, and only then the
+/// instances, queues and exchanges, so that no member is left consuming from a fleet whose
+/// exchange is gone.
+pub async fn stop_all(workers: Vec<WorkerProcess>) -> anyhow::Result<()> {
+    let mut workers = workers;
+    let mut first_error = None;
+    for worker in &mut workers {
+        if let Err(e) = worker.process.terminate(STOP_TIMEOUT).await {
+            first_error.get_or_insert(e);
+        }
+    }
+    for worker in &workers {
+        worker.process.stop_instances();
+        worker.process.delete_queues().await;
+    }
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// A `Duration` as its `Debug` form prints it (`3.2s`, `41.5ms`, `812µs`, `90ns`).
+fn parse_debug_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "s" => number,
+        "ms" => number / 1e3,
+        "µs" | "us" => number / 1e6,
+        "ns" => number / 1e9,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_read_as_debug_prints_them() {
+        for d in [
+            Duration::from_millis(3200),
+            Duration::from_micros(41_500),
+            Duration::from_micros(812),
+            Duration::from_nanos(90),
+        ] {
+            let read = parse_debug_duration(&format!("{d:?}")).expect("parses");
+            assert!(
+                read.abs_diff(d) < Duration::from_nanos(2),
+                "{d:?} read as {read:?}"
+            );
+        }
+        assert_eq!(parse_debug_duration("3 parsecs"), None);
     }
 }

@@ -213,10 +213,53 @@ pub mod names {
     pub const WORKER_P99: &str = "worker p99 ms";
     pub const BARE_P99: &str = "bare echo p99 ms";
     pub const RELIABLE_P99: &str = "reliable echo p99 ms";
+
+    // The fleet scenario: three hosts on one exchange against one host and the bare echo.
+    pub const FLEET_RPS: &str = "fleet req/s";
+    pub const SINGLE_RPS: &str = "one host req/s";
+    pub const THROUGHPUT_FLEET_SINGLE: &str = "throughput fleet/one host";
+    pub const P50_FLEET_SINGLE: &str = "p50 latency fleet/one host";
+    pub const P99_FLEET_SINGLE: &str = "p99 latency fleet/one host";
+    pub const THROUGHPUT_FLEET_BARE: &str = "throughput fleet/bare echo";
+    pub const THROUGHPUT_SINGLE_BARE: &str = "throughput one host/bare echo";
+    pub const P99_FLEET_BARE: &str = "p99 latency fleet/bare echo";
+    pub const P99_SINGLE_BARE: &str = "p99 latency one host/bare echo";
+    pub const FLEET_P50: &str = "fleet p50 ms";
+    pub const SINGLE_P50: &str = "one host p50 ms";
+    pub const FLEET_P99: &str = "fleet p99 ms";
+    pub const SINGLE_P99: &str = "one host p99 ms";
 }
 
-/// The columns of the compact comparison table: (header, figure).
-const COMPARISON: [(&str, &str); 8] = [
+/// A compact comparison table: the header of its first column (the case), and its other
+/// columns as (header, figure); a case is a row when it has the first column's figure.
+struct Columns {
+    case: &'static str,
+    columns: &'static [(&'static str, &'static str)],
+}
+
+/// The worker against both echoes (overhead, writes).
+const COMPARISON: Columns = Columns {
+    case: "in flight",
+    columns: &COMPARISON_COLUMNS,
+};
+
+/// Three hosts against one host and the bare echo (fleet).
+const FLEET_COMPARISON: Columns = Columns {
+    case: "queue, in flight",
+    columns: &[
+        ("fleet req/s", names::FLEET_RPS),
+        ("one host req/s", names::SINGLE_RPS),
+        ("bare req/s", names::BARE_RPS),
+        ("fleet/one", names::THROUGHPUT_FLEET_SINGLE),
+        ("fleet/bare", names::THROUGHPUT_FLEET_BARE),
+        ("one/bare", names::THROUGHPUT_SINGLE_BARE),
+        ("fleet p99 ms", names::FLEET_P99),
+        ("one host p99", names::SINGLE_P99),
+        ("bare p99", names::BARE_P99),
+    ],
+};
+
+const COMPARISON_COLUMNS: [(&str, &str); 8] = [
     ("worker req/s", names::WORKER_RPS),
     ("bare req/s", names::BARE_RPS),
     ("reliable req/s", names::RELIABLE_RPS),
@@ -246,22 +289,29 @@ pub fn human(reports: &[ScenarioReport]) -> String {
                 .iter()
                 .find(|f| f.case == case && f.name == name)
         };
+        let table = [&COMPARISON, &FLEET_COMPARISON]
+            .into_iter()
+            .find(|t| {
+                let key = t.columns[0].1;
+                report.figures.iter().any(|f| f.name == key)
+            })
+            .unwrap_or(&COMPARISON);
         let compared: Vec<&str> = cases
             .iter()
             .copied()
-            .filter(|c| find(c, names::WORKER_RPS).is_some())
+            .filter(|c| find(c, table.columns[0].1).is_some())
             .collect();
         let shown = |f: &Figure| {
-            COMPARISON.iter().any(|(_, n)| *n == f.name) && compared.contains(&f.case.as_str())
+            table.columns.iter().any(|(_, n)| *n == f.name) && compared.contains(&f.case.as_str())
         };
         if !compared.is_empty() {
-            let mut rows = vec![std::iter::once("in flight")
-                .chain(COMPARISON.iter().map(|(h, _)| *h))
+            let mut rows = vec![std::iter::once(table.case)
+                .chain(table.columns.iter().map(|(h, _)| *h))
                 .map(str::to_owned)
                 .collect::<Vec<_>>()];
             for case in &compared {
                 let mut row = vec![case.trim_end_matches(" in flight").to_owned()];
-                for (_, name) in COMPARISON {
+                for (_, name) in table.columns {
                     row.push(find(case, name).map_or(String::new(), |f| format_value(f.value)));
                 }
                 rows.push(row);
@@ -324,6 +374,11 @@ fn is_detail(name: &str) -> bool {
         names::WORKER_P50,
         names::BARE_P50,
         names::RELIABLE_P50,
+        names::P50_FLEET_SINGLE,
+        names::P99_FLEET_BARE,
+        names::P99_SINGLE_BARE,
+        names::FLEET_P50,
+        names::SINGLE_P50,
     ]
     .contains(&name)
 }
@@ -337,6 +392,9 @@ fn heading(scenario: &str) -> String {
             "writes (createvolume + deletevolume; worker/bare, worker/reliable = throughput ratios)"
                 .into()
         }
+        "fleet" => "fleet (getcont routed by name: 3 hosts against 1 host against the bare echo, \
+                    per queue type; fleet/one, fleet/bare, one/bare = throughput ratios)"
+            .into(),
         other => other.to_owned(),
     }
 }

@@ -24,6 +24,8 @@ pub async fn parallel(env: &Env) -> anyhow::Result<ScenarioReport> {
         let spec = WorkerSpec {
             concurrency,
             env: vec![("FAKE_APPTAINER_DELAY_MS".into(), delay)],
+            args: vec![],
+            seeded: 0,
         };
         let (worker, client, _) = started_worker(env, &label, spec).await?;
         let ideal = build * starts as u32 / concurrency;
@@ -99,7 +101,11 @@ pub async fn head_of_line(env: &Env) -> anyhow::Result<ScenarioReport> {
     let label = "hol";
     let dir = env.work_dir.join(label);
     procs::seed(&dir, SEEDED_FOR_LOAD)?;
-    let (worker, client, _) = started_worker(env, label, plain(4)).await?;
+    let spec = WorkerSpec {
+        seeded: SEEDED_FOR_LOAD,
+        ..plain(4)
+    };
+    let (worker, client, _) = started_worker(env, label, spec).await?;
     let in_flight = 16;
     let bounds = Bounds {
         in_flight,

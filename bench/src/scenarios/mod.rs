@@ -1,13 +1,15 @@
-//! The five scenarios of issue 6. Each one is bounded in request count and in time, talks only
-//! to the broker given on the command line, and returns its figures; sizes come from [`Sizes`]
-//! (full or smoke). This module holds what they share (sizes, the worker-beside-echo pair,
+//! The five scenarios of issue 6 and the fleet's of issue 13. Each one is bounded in request
+//! count and in time, talks only to the broker given on the command line, and returns its
+//! figures; sizes come from [`Sizes`] (full or smoke). This module holds what they share (sizes, the worker-beside-echo pair,
 //! the figures of a comparison) and the two request-load scenarios; the build-bound ones are
-//! in `builds`, the registry-size one in `scale`.
+//! in `builds`, the registry-size one in `scale`, the several-hosts one in `fleet`.
 
 mod builds;
+mod fleet;
 mod scale;
 
 pub use builds::{head_of_line, parallel};
+pub use fleet::fleet;
 pub use scale::scale;
 
 use std::path::Path;
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use orchestrator_producer::Client;
+use orchestrator_worker::settings::QueueType;
 use serde_json::json;
 
 use crate::echo::{Echo, EchoKind};
@@ -40,6 +43,18 @@ pub struct Sizes {
     pub scale_counts: Vec<usize>,
     pub scale_getcont: usize,
     pub scale_pages: usize,
+    /// The fleet's host queues: each type is measured, side by side.
+    pub fleet_queue_types: Vec<QueueType>,
+    /// Containers started through the exchange, on the fleet and on the fleet of one.
+    pub fleet_containers: usize,
+    /// (requests in flight, getcont requests per measurement) through the fleet.
+    pub fleet: Vec<(usize, usize)>,
+    /// Names bound on the exchange (containers in one host's store) for the routing cost.
+    pub fleet_routing: Vec<usize>,
+    /// getcont requests at 1 in flight per round of the routing cost.
+    pub fleet_routing_getcont: usize,
+    /// getcont requests at 16 in flight per round of the routing cost.
+    pub fleet_routing_loaded: usize,
 }
 
 impl Sizes {
@@ -57,6 +72,12 @@ impl Sizes {
             scale_counts: vec![1_000, 10_000, 100_000],
             scale_getcont: 1000,
             scale_pages: 20,
+            fleet_queue_types: vec![QueueType::Quorum, QueueType::Classic],
+            fleet_containers: 128,
+            fleet: vec![(16, 3000), (128, 5000)],
+            fleet_routing: vec![1_000, 100_000],
+            fleet_routing_getcont: 1000,
+            fleet_routing_loaded: 3000,
         }
     }
 
@@ -74,6 +95,12 @@ impl Sizes {
             scale_counts: vec![100, 1_000],
             scale_getcont: 30,
             scale_pages: 3,
+            fleet_queue_types: vec![QueueType::Quorum, QueueType::Classic],
+            fleet_containers: 6,
+            fleet: vec![(2, 20), (6, 60)],
+            fleet_routing: vec![10, 100],
+            fleet_routing_getcont: 20,
+            fleet_routing_loaded: 40,
         }
     }
 }
@@ -189,6 +216,8 @@ fn plain(concurrency: u32) -> WorkerSpec {
     WorkerSpec {
         concurrency,
         env: vec![],
+        args: vec![],
+        seeded: 0,
     }
 }
 
@@ -210,7 +239,11 @@ struct Pair {
 async fn pair(env: &Env, label: &str) -> anyhow::Result<Pair> {
     let dir = env.work_dir.join(label);
     procs::seed(&dir, SEEDED_FOR_LOAD)?;
-    let (worker, worker_client, _) = started_worker(env, label, plain(LOAD_CONCURRENCY)).await?;
+    let spec = WorkerSpec {
+        seeded: SEEDED_FOR_LOAD,
+        ..plain(LOAD_CONCURRENCY)
+    };
+    let (worker, worker_client, _) = started_worker(env, label, spec).await?;
     let mut echoes = Vec::new();
     let mut echo_clients = Vec::new();
     for kind in [EchoKind::Bare, EchoKind::Reliable] {
@@ -220,7 +253,8 @@ async fn pair(env: &Env, label: &str) -> anyhow::Result<Pair> {
             kind.label()
         );
         // The worker's default prefetch, so every consumer has as many deliveries in hand.
-        echoes.push(Echo::start(&env.amqp_url, &queue, 64, kind).await?);
+        // A classic queue, as before the fleet: the fleet scenario compares queue types.
+        echoes.push(Echo::start(&env.amqp_url, &queue, 64, kind, QueueType::Classic).await?);
         echo_clients.push(Arc::new(Client::connect(&env.amqp_url, &queue).await?));
     }
     let reliable = echo_clients.pop().expect("two echoes");

@@ -4,7 +4,7 @@ use serde_json::json;
 
 use super::{check, getcont, plain, ratio, started_worker, Env};
 use crate::load::{self, Bounds, Step};
-use crate::procs;
+use crate::procs::{self, WorkerSpec};
 use crate::report::{Figure, ScenarioReport, Target};
 
 /// (5) Scale: a worker over 1,000 to 100,000 registered containers.
@@ -16,7 +16,11 @@ pub async fn scale(env: &Env) -> anyhow::Result<ScenarioReport> {
         let label = format!("scale-{count}");
         let dir = env.work_dir.join(&label);
         let seeded = procs::seed(&dir, count)?;
-        let (worker, client, startup) = started_worker(env, &label, plain(4)).await?;
+        let spec = WorkerSpec {
+            seeded: count,
+            ..plain(4)
+        };
+        let (worker, client, startup) = started_worker(env, &label, spec).await?;
         // Names spread over the whole table (7919 is prime, so every name can come up).
         let script =
             move |_, ticket: usize| vec![getcont(&procs::seeded_name(ticket * 7919 % count))];
