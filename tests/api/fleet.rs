@@ -164,7 +164,10 @@ async fn every_one_of_many_simultaneous_starts_of_new_names_is_answered() {
             Err(_) => unanswered.push(format!("many{i:03}")),
         }
     }
-    assert!(unanswered.is_empty(), "starts never answered: {unanswered:?}");
+    assert!(
+        unanswered.is_empty(),
+        "starts never answered: {unanswered:?}"
+    );
 }
 
 #[tokio::test]
