@@ -518,7 +518,10 @@ def main():
         names = [c.get("container_name") for c in result.get("containers", [])]
         expect(A not in names, f"deleted container still listed: {short(reply)}")
         expect(
-            {"container_name": A, "container_image": "jupyter/base-notebook"} in result.get("data", []),
+            any(
+                d.get("container_name") == A and d.get("container_image") == "jupyter/base-notebook"
+                for d in result.get("data", [])
+            ),
             f"data does not list nb-a's image: {short(reply)}",
         )
 
