@@ -14,9 +14,11 @@ pub use publisher::{reconnect_backoff, Delivered, PublishError, Publisher, Reply
 
 use std::sync::Arc;
 
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, Queue};
 use schemas::{NodeId, Topology};
 
 use crate::settings::{redact_url, QueueType, Settings};
@@ -63,8 +65,24 @@ pub fn amqp_code(error: &lapin::Error) -> Option<u16> {
     }
 }
 
+/// Declares `queue` passively on a channel of its own, because a refused declaration closes its
+/// channel: the queue as the broker has it now (its message and consumer counts), or the
+/// broker's refusal (`404` missing, `405` an exclusive queue another connection holds).
+pub async fn passive_declare(connection: &Connection, queue: &str) -> Result<Queue, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), options, FieldTable::default())
+        .await?;
+    let _ = channel.close(200, "looked".into()).await;
+    Ok(declared)
+}
+
 /// The AMQP reply code of a passive declaration of a queue that does not exist.
-const NOT_FOUND: u16 = 404;
+pub const NOT_FOUND: u16 = 404;
 
 /// What a consuming connection has, once subscribed to this host's queue.
 pub struct Session {
@@ -152,29 +170,14 @@ impl Broker {
         Ok((connection, channel, existed))
     }
 
-    /// Whether `queue` exists: a passive declaration, on a channel of its own (a failed one
-    /// closes its channel).
+    /// Whether `queue` exists ([`passive_declare`]).
     async fn queue_exists(
         &self,
         connection: &Connection,
         queue: &str,
     ) -> Result<bool, BrokerError> {
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(self.error("refused a channel"))?;
-        let options = lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        match channel
-            .queue_declare(queue.into(), options, FieldTable::default())
-            .await
-        {
-            Ok(_) => {
-                let _ = channel.close(200, "looked".into()).await;
-                Ok(true)
-            }
+        match passive_declare(connection, queue).await {
+            Ok(_) => Ok(true),
             Err(e) if amqp_code(&e) == Some(NOT_FOUND) => Ok(false),
             Err(e) => Err(self.error("refused a passive declaration")(e)),
         }

@@ -1,17 +1,15 @@
 //! Leases and depths, asked of the broker: whether a host's worker runs (it holds the exclusive
 //! queue `<exchange>.alive.<node>` on its consuming connection while it lives), and how many
-//! messages wait in a host's queue. Each question is a passive declaration on a throwaway
-//! channel, because a refused one closes its channel.
+//! messages wait in a host's queue. Each question is a passive declaration
+//! ([`crate::broker::passive_declare`]).
 //!
 //! What RabbitMQ 3.10 answers to a passive declaration (checked on the broker, see the test):
 //! an exclusive queue held by another connection is `405 RESOURCE_LOCKED`, a missing queue
 //! `404 NOT_FOUND`; anything else is not an answer about the lease.
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::Connection;
 
-use crate::broker::{amqp_code, RESOURCE_LOCKED};
+use crate::broker::{amqp_code, passive_declare, NOT_FOUND, RESOURCE_LOCKED};
 
 /// What the broker says about a host's lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,11 +24,11 @@ pub enum Lease {
 
 /// Asks the broker whether `alive_queue` (a host's lease) is held by some connection.
 pub async fn lease(connection: &Connection, alive_queue: &str) -> Lease {
-    match passive_declare(connection, alive_queue).await {
+    match ask(connection, alive_queue).await {
         // This connection could see it: it holds it itself (a host asking about itself).
         Ok(_) => Lease::Held,
         Err(Refusal::Code(RESOURCE_LOCKED)) => Lease::Held,
-        Err(Refusal::Code(404)) => Lease::Gone,
+        Err(Refusal::Code(NOT_FOUND)) => Lease::Gone,
         Err(Refusal::Code(code)) => Lease::Unknown(format!("the broker answered {code}")),
         Err(Refusal::Failed(reason)) => Lease::Unknown(reason),
     }
@@ -39,9 +37,9 @@ pub async fn lease(connection: &Connection, alive_queue: &str) -> Lease {
 /// How many messages are ready in `queue`; `None` when it does not exist. `Err` when the broker
 /// could not be asked.
 pub async fn depth(connection: &Connection, queue: &str) -> Result<Option<u32>, String> {
-    match passive_declare(connection, queue).await {
+    match ask(connection, queue).await {
         Ok(count) => Ok(Some(count)),
-        Err(Refusal::Code(404)) => Ok(None),
+        Err(Refusal::Code(NOT_FOUND)) => Ok(None),
         Err(Refusal::Code(code)) => Err(format!("the broker answered {code} about {queue}")),
         Err(Refusal::Failed(reason)) => Err(reason),
     }
@@ -54,24 +52,10 @@ enum Refusal {
     Failed(String),
 }
 
-/// Declares `queue` passively on a channel of its own; its message count when it exists.
-async fn passive_declare(connection: &Connection, queue: &str) -> Result<u32, Refusal> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| Refusal::Failed(format!("the broker refused a channel: {e}")))?;
-    let options = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    match channel
-        .queue_declare(queue.into(), options, FieldTable::default())
-        .await
-    {
-        Ok(declared) => {
-            let _ = channel.close(200, "asked".into()).await;
-            Ok(declared.message_count())
-        }
+/// `queue`'s message count when it exists, else the broker's refusal.
+async fn ask(connection: &Connection, queue: &str) -> Result<u32, Refusal> {
+    match passive_declare(connection, queue).await {
+        Ok(declared) => Ok(declared.message_count()),
         Err(e) => Err(match amqp_code(&e) {
             Some(code) => Refusal::Code(code),
             None => Refusal::Failed(format!("the broker could not be asked about {queue}: {e}")),
