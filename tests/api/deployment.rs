@@ -7,13 +7,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
 use orchestrator_harness::{Binaries, WorkerProcess, WorkerSetup};
 use schemas::{DEFAULT_EXCHANGE, DEFAULT_REPLY_QUEUE};
 
 use crate::cli::{assert_exit, cli_bin, stdout};
-use crate::helpers::{fake_bin, worker_bin};
+use crate::helpers::{confirm_channel, fake_bin, worker_bin};
 
 /// The line of SECURITY.md that grants the worker's user its permissions; the next line holds
 /// the three regular expressions.
@@ -206,14 +206,7 @@ async fn the_backend_user_of_security_md_runs_a_container_through_a_worker_with_
     assert_eq!(stdout(&gone), "");
 
     // Assert: the backend cannot put a request into a host's queue by name.
-    let connection = Connection::connect(&backend_url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (_connection, channel) = confirm_channel(&backend_url).await;
     let published = async {
         channel
             .basic_publish(

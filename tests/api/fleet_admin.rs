@@ -207,17 +207,24 @@ async fn a_killed_host_is_named_at_once_and_a_stopped_one_within_the_gather_time
     );
 }
 
-/// Waits (at most `limit`) until the broker has dropped the worker's connection, and with it
-/// its lease.
-pub(crate) async fn lease_gone(worker: &TestWorker, limit: Duration) {
+/// Whether `worker`'s lease is held now, asked of the broker.
+pub(crate) async fn lease_of(worker: &TestWorker) -> Lease {
     let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
         .await
         .unwrap();
     let alive = worker
         .topology()
         .alive_queue(&schemas::NodeId::parse(&worker.node).unwrap());
+    let held = lease(&connection, &alive).await;
+    let _ = connection.close(200, "done".into()).await;
+    held
+}
+
+/// Waits (at most `limit`) until the broker has dropped the worker's connection, and with it
+/// its lease.
+pub(crate) async fn lease_gone(worker: &TestWorker, limit: Duration) {
     crate::helpers::eventually("the worker's lease is gone", limit, async || {
-        lease(&connection, &alive).await == Lease::Gone
+        lease_of(worker).await == Lease::Gone
     })
     .await;
 }

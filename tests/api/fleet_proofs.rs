@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
-use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
+use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use orchestrator_producer::Client;
@@ -16,16 +16,16 @@ use schemas::{Reply, ReplyResult};
 use serde_json::Value;
 
 use nix::sys::signal::Signal;
-use orchestrator_worker::fleet::lease::{lease, Lease};
+use orchestrator_worker::fleet::lease::Lease;
 
 use orchestrator_harness::brokers::PrivateBroker;
 
 use crate::cli::{assert_exit, orchestrator};
 use crate::fleet::{bindings, fleet, owner};
-use crate::fleet_admin::{lease_gone, signal};
+use crate::fleet_admin::{lease_gone, lease_of, signal};
 use crate::helpers::{
-    fake_bin, named, raw_client, spawn_worker_with, start_request, TestWorker, WorkerOptions,
-    AMQP_URL, REPLY_TIMEOUT,
+    confirm_channel, fake_bin, named, raw_client, spawn_worker_with, start_request, TestWorker,
+    WorkerOptions, AMQP_URL, REPLY_TIMEOUT,
 };
 
 /// Final replies on one queue, in the order they arrived, with their correlation ids.
@@ -66,22 +66,24 @@ fn collect_final_replies(mut replies: lapin::Consumer) -> Arrivals {
     let collected = arrivals.clone();
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = replies.next().await {
-            let Ok(reply) = serde_json::from_slice::<Reply>(&delivery.data) else {
-                continue;
-            };
-            if !reply.is_final {
-                continue;
+            if let Some((correlation, reply)) = final_reply(&delivery) {
+                collected.push(correlation, reply);
             }
-            let correlation = delivery
-                .properties
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.as_str().to_owned())
-                .unwrap_or_default();
-            collected.push(correlation, reply);
         }
     });
     arrivals
+}
+
+/// A delivery's reply with its correlation id, when it is a final reply.
+fn final_reply(delivery: &lapin::message::Delivery) -> Option<(String, Reply)> {
+    let reply = serde_json::from_slice::<Reply>(&delivery.data).ok()?;
+    let correlation = delivery
+        .properties
+        .correlation_id()
+        .as_ref()
+        .map(|c| c.as_str().to_owned())
+        .unwrap_or_default();
+    reply.is_final.then_some((correlation, reply))
 }
 
 /// Client connections of their own, each with a confirm-mode channel, that publish to a fleet's
@@ -98,14 +100,7 @@ impl Publishers {
         let mut connections = Vec::new();
         let mut channels = Vec::new();
         for _ in 0..count {
-            let connection = Connection::connect(url, ConnectionProperties::default())
-                .await
-                .unwrap();
-            let channel = connection.create_channel().await.unwrap();
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .unwrap();
+            let (connection, channel) = confirm_channel(url).await;
             connections.push(connection);
             channels.push(channel);
         }
@@ -441,19 +436,6 @@ async fn a_killed_hosts_requests_wait_for_it_and_run_once_in_order_when_it_retur
 /// the broker drops them after missed heartbeats, instead of the default 60 s.
 const HEARTBEAT_SECS: u64 = 5;
 
-/// Whether `worker`'s lease is held now, asked of the broker.
-async fn lease_of(worker: &TestWorker) -> Lease {
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let alive = worker
-        .topology()
-        .alive_queue(&schemas::NodeId::parse(&worker.node).unwrap());
-    let held = lease(&connection, &alive).await;
-    let _ = connection.close(200, "done".into()).await;
-    held
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_hosts_node_id_is_refused_while_its_connection_lives_and_free_once_dropped() {
     // Arrange: a host whose connections beat every 5 s, stopped with SIGSTOP.
@@ -625,16 +607,8 @@ async fn consume_once(url: &str, queue: &str, arrivals: &Arrivals) {
         return;
     };
     while let Some(Ok(delivery)) = consumer.next().await {
-        if let Ok(reply) = serde_json::from_slice::<Reply>(&delivery.data) {
-            if reply.is_final {
-                let correlation = delivery
-                    .properties
-                    .correlation_id()
-                    .as_ref()
-                    .map(|c| c.as_str().to_owned())
-                    .unwrap_or_default();
-                arrivals.push(correlation, reply);
-            }
+        if let Some((correlation, reply)) = final_reply(&delivery) {
+            arrivals.push(correlation, reply);
         }
         if delivery.ack(Default::default()).await.is_err() {
             return;

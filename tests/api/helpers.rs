@@ -388,16 +388,22 @@ pub struct RawClient {
     pub replies: lapin::Consumer,
 }
 
-pub async fn raw_client() -> RawClient {
-    use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+/// A connection to `url` and a channel on it in confirm mode.
+pub async fn confirm_channel(url: &str) -> (Connection, lapin::Channel) {
+    let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
     channel
-        .confirm_select(ConfirmSelectOptions::default())
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .unwrap();
+    (connection, channel)
+}
+
+pub async fn raw_client() -> RawClient {
+    use lapin::options::BasicConsumeOptions;
+    let (connection, channel) = confirm_channel(AMQP_URL).await;
     let queue = channel
         .queue_declare(
             "".into(),
