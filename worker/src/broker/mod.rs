@@ -155,16 +155,15 @@ impl Broker {
         Ok(())
     }
 
-    /// Connects for consuming and declares the topology; the caller takes the lease and
-    /// binds the names before [`Broker::subscribe`]. Also says whether this host's queue
-    /// existed before (it does not after `fleet forget` or when the broker lost its state).
+    /// Connects for consuming and declares the topology on a channel left in confirm mode
+    /// (the connection's shared channel for bindings, unbindings and hand-ons; probes use their
+    /// name lock's channel); the caller takes the lease and binds the
+    /// names before [`Broker::subscribe`]. Also says whether this host's queue existed before
+    /// (it does not after `fleet forget` or when the broker lost its state).
     pub async fn consuming_connection(&self) -> Result<(Connection, Channel, bool), BrokerError> {
         let connection = self.connect("consumer").await?;
         let existed = self.queue_exists(&connection, &self.host_queue()).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(self.error("refused a channel"))?;
+        let channel = self.confirm_channel(&connection).await?;
         self.declare_topology(&channel).await?;
         self.declare_host_queue(&channel).await?;
         Ok((connection, channel, existed))
@@ -226,8 +225,8 @@ impl Broker {
         })
     }
 
-    /// A channel in confirm mode on `connection`, for probes, forwards and bindings.
-    pub async fn confirm_channel(&self, connection: &Connection) -> Result<Channel, BrokerError> {
+    /// A channel in confirm mode on `connection`.
+    async fn confirm_channel(&self, connection: &Connection) -> Result<Channel, BrokerError> {
         let channel = connection
             .create_channel()
             .await

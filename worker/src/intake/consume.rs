@@ -226,7 +226,7 @@ struct FleetConsumers {
 /// host's queue and the fleet's shared queues, in that order: nothing is taken before this
 /// host's names route to it.
 async fn subscribe_all(broker: &Broker, intake: &Intake) -> Result<Sessions, Subscribe> {
-    let (connection, _declaring, existed) = broker.consuming_connection().await?;
+    let (connection, confirm, existed) = broker.consuming_connection().await?;
     match broker.claim_lease(&connection).await {
         Ok(()) => {}
         Err(LeaseError::Held { queue, node }) => {
@@ -236,7 +236,6 @@ async fn subscribe_all(broker: &Broker, intake: &Intake) -> Result<Sessions, Sub
         Err(LeaseError::Broker(e)) => return Err(Subscribe::Broker(e)),
     }
     let connection = std::sync::Arc::new(connection);
-    let confirm = broker.confirm_channel(&connection).await?;
     let held = intake.store.held_names().await.map_err(|e| {
         Subscribe::Fatal(Fatal(format!(
             "could not read the containers this host holds: {e}"
